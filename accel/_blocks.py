@@ -1,0 +1,187 @@
+"""Block gather/scatter over paged KV caches.
+
+A paged KV cache is one tensor per layer whose ``block_dim`` indexes blocks. ``gather``
+copies the blocks ``block_ids`` of every layer into one contiguous staging tensor laid out
+``[block][layer][block bytes]``; ``scatter`` copies such a staging tensor back into other
+block ids of another cache. The layout is block-major so each snapshot block is one
+contiguous, separately checksummed region.
+
+On CPU this is NumPy/PyTorch; on CUDA (see ``_cuda.py``) one kernel launch covers every
+layer and block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BlockLayout", "gather_blocks", "scatter_blocks", "staging_nbytes"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockLayout:
+    """How to find a block's bytes in each layer tensor.
+
+    Attributes:
+        block_dim: the dimension that indexes blocks (0 on CPU and FlashInfer-NHD
+            without a leading K/V axis; 1 for FlashAttention's ``[2, blocks, ...]``).
+    """
+
+    block_dim: int = 0
+
+
+def _check_ids(block_ids: Sequence[int], num_blocks: int) -> list[int]:
+    ids = [int(b) for b in block_ids]
+    if len(set(ids)) != len(ids):
+        raise ValueError("block_ids contains repeated ids; each block may appear once")
+    for b in ids:
+        if b < 0 or b >= num_blocks:
+            raise IndexError(f"block id {b} is outside 0..{num_blocks - 1}")
+    return ids
+
+
+def _block_view(layer: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """``layer`` as [num_blocks, ...] with the block dimension first (a view, no copy)."""
+    return layer.movedim(layout.block_dim, 0) if layout.block_dim else layer
+
+
+def _layer_block_nbytes(layer: torch.Tensor, layout: BlockLayout) -> int:
+    return layer.numel() // layer.shape[layout.block_dim] * layer.element_size()
+
+
+def staging_nbytes(layers: Sequence[torch.Tensor], num_blocks: int, layout: BlockLayout | None = None) -> int:
+    """Bytes a staging buffer needs for ``num_blocks`` blocks of ``layers``."""
+    layout = layout or BlockLayout()
+    return num_blocks * sum(_layer_block_nbytes(t, layout) for t in layers)
+
+
+def _u8_blocks(view: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, ...] -> [num_blocks, block_nbytes] uint8 when each block is contiguous."""
+    import torch
+
+    if view[0].is_contiguous() if view.shape[0] else True:
+        flat = view.reshape(view.shape[0], -1) if view.is_contiguous() else None
+        if flat is not None:
+            return flat.view(torch.uint8)
+    return None  # type: ignore[return-value]
+
+
+def gather_blocks(
+    layers: Sequence[torch.Tensor],
+    block_ids: Sequence[int],
+    out: torch.Tensor | None = None,
+    *,
+    layout: BlockLayout | None = None,
+) -> torch.Tensor:
+    """Copy ``block_ids`` of every layer into ``out`` (uint8 ``[n, sum of layer block bytes]``).
+
+    Example:
+        >>> import torch
+        >>> kv = [torch.arange(4 * 6, dtype=torch.float32).view(4, 2, 3) for _ in range(2)]
+        >>> staged = gather_blocks(kv, [3, 1])
+        >>> tuple(staged.shape)
+        (2, 48)
+    """
+    import torch
+
+    layout = layout or BlockLayout()
+    if not layers:
+        raise ValueError("no layers given")
+    num_blocks = layers[0].shape[layout.block_dim]
+    ids = _check_ids(block_ids, num_blocks)
+    total = sum(_layer_block_nbytes(t, layout) for t in layers)
+    if out is None:
+        out = torch.empty((len(ids), total), dtype=torch.uint8, device=layers[0].device)
+    elif out.dtype != torch.uint8 or tuple(out.shape) != (len(ids), total):
+        raise ValueError(f"out must be uint8 of shape {(len(ids), total)}, got {out.dtype} {tuple(out.shape)}")
+    if not ids:
+        return out
+    if layers[0].is_cuda:
+        from ._cuda import gather_cuda
+
+        gather_cuda(layers, ids, out, layout)
+        return out
+    index = torch.tensor(ids, dtype=torch.long)
+    col = 0
+    for layer in layers:
+        view = _block_view(layer, layout)
+        nbytes = _layer_block_nbytes(layer, layout)
+        u8 = _u8_blocks(view)
+        if u8 is not None:
+            torch.index_select(u8, 0, index, out=_scratch(out, nbytes, len(ids)))
+            out[:, col : col + nbytes].copy_(_scratch(out, nbytes, len(ids)))
+        else:  # non-contiguous blocks: a strided copy per layer, still no Python loop per block
+            out[:, col : col + nbytes].copy_(view.index_select(0, index).reshape(len(ids), -1).view(torch.uint8))
+        col += nbytes
+    return out
+
+
+_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _scratch(like: torch.Tensor, nbytes: int, n: int) -> torch.Tensor:
+    import torch
+
+    key = (n, nbytes)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        if len(_SCRATCH) > 8:
+            _SCRATCH.clear()
+        buf = torch.empty((n, nbytes), dtype=torch.uint8)
+        _SCRATCH[key] = buf
+    return buf
+
+
+def scatter_blocks(
+    staged: torch.Tensor,
+    layers: Sequence[torch.Tensor],
+    block_ids: Sequence[int],
+    *,
+    layout: BlockLayout | None = None,
+) -> None:
+    """Copy rows of ``staged`` (as produced by :func:`gather_blocks`) into ``block_ids`` of ``layers``.
+
+    Example:
+        >>> import torch
+        >>> src = [torch.randn(4, 2, 3) for _ in range(2)]
+        >>> dst = [torch.zeros(4, 2, 3) for _ in range(2)]
+        >>> scatter_blocks(gather_blocks(src, [0, 2]), dst, [1, 3])
+        >>> bool(torch.equal(dst[1][3], src[1][2]))
+        True
+    """
+    import torch
+
+    layout = layout or BlockLayout()
+    if not layers:
+        raise ValueError("no layers given")
+    num_blocks = layers[0].shape[layout.block_dim]
+    ids = _check_ids(block_ids, num_blocks)
+    total = sum(_layer_block_nbytes(t, layout) for t in layers)
+    if staged.dtype != torch.uint8 or tuple(staged.shape) != (len(ids), total):
+        raise ValueError(
+            f"staged must be uint8 of shape {(len(ids), total)}, got {staged.dtype} {tuple(staged.shape)}"
+        )
+    if not ids:
+        return
+    if layers[0].is_cuda:
+        from ._cuda import scatter_cuda
+
+        scatter_cuda(staged, layers, ids, layout)
+        return
+    index = torch.tensor(ids, dtype=torch.long)
+    col = 0
+    for layer in layers:
+        view = _block_view(layer, layout)
+        nbytes = _layer_block_nbytes(layer, layout)
+        u8 = _u8_blocks(view)
+        part = staged[:, col : col + nbytes]
+        if u8 is not None:
+            u8.index_copy_(0, index, part)
+        else:
+            shaped = part.contiguous().view(layer.dtype).reshape((len(ids), *view.shape[1:]))
+            view.index_copy_(0, index, shaped)
+        col += nbytes

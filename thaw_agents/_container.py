@@ -1,0 +1,339 @@
+"""The ``.thaw`` container: an 8-byte magic, a little-endian header length, a JSON header, raw bytes.
+
+One format for KV snapshots and frozen weights (see ``docs/snapshot-format.md``)::
+
+    offset 0    b"THAWSNAP"                      magic, 8 bytes
+    offset 8    u64 little-endian                header_nbytes
+    offset 16   JSON header, UTF-8, space padded  so the payload starts 4096-aligned
+    offset P    payload                          regions listed in the header
+
+Nothing in a container is executable: the header is JSON, the payload raw tensor bytes.
+The reader validates in a fixed order (magic, header size, UTF-8 + JSON, schema, version,
+offsets, then checksums on demand), each step with its own error class, before any
+payload byte is trusted. The writer is deterministic, atomic (temporary name, fsync,
+rename) and leaves files readable by their owner only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import blake3
+
+from ._errors import (
+    SnapshotChecksumError,
+    SnapshotFormatError,
+    SnapshotNotFoundError,
+    SnapshotTruncatedError,
+    SnapshotVersionError,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "PAYLOAD_ALIGN",
+    "Container",
+    "Region",
+    "checksum",
+    "read_container",
+    "verify_regions",
+    "write_container",
+]
+
+MAGIC = b"THAWSNAP"
+FORMAT_VERSION = 1
+PAYLOAD_ALIGN = 4096
+# A header is a manifest, not data: 64 MiB holds ~8M token ids and stops a hostile length
+# from making us allocate the disk.
+MAX_HEADER_NBYTES = 64 << 20
+_PREFIX = struct.Struct("<8sQ")
+CHECKSUM_ALGORITHM = "blake3"
+
+
+def checksum(data: bytes | bytearray | memoryview) -> str:
+    """The hex checksum of a region's bytes (BLAKE3: several GB/s, multi-threaded for big buffers)."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if len(data) >= (8 << 20) else blake3.blake3()
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Region:
+    """A named byte range of the payload with its checksum."""
+
+    name: str
+    offset: int
+    nbytes: int
+    checksum: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "offset": self.offset, "nbytes": self.nbytes, "checksum": self.checksum}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Container:
+    """A validated container header: where the payload starts and what it holds."""
+
+    path: str
+    header: dict[str, Any]
+    regions: tuple[Region, ...]
+    payload_offset: int
+    payload_nbytes: int
+
+    @property
+    def kind(self) -> str:
+        return str(self.header["kind"])
+
+
+def _padded_header(header: dict[str, Any]) -> bytes:
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    total = _PREFIX.size + len(raw)
+    padded = -(-total // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+    return raw + b" " * (padded - total)
+
+
+def write_container(
+    path: str | os.PathLike[str],
+    kind: str,
+    meta: dict[str, Any],
+    regions: Sequence[tuple[str, bytes | bytearray | memoryview]],
+    *,
+    fsync: bool = True,
+) -> Container:
+    """Write a container atomically: ``path`` either appears complete or not at all.
+
+    Args:
+        path: destination file; its directory must exist.
+        kind: what the payload is (``"kv"``, ``"weights"``).
+        meta: the kind's own manifest fields (JSON-serialisable, no key ``regions``).
+        regions: (name, bytes) in payload order; checksummed here.
+        fsync: flush to stable storage before the rename (off for shared memory).
+    """
+    path = os.fspath(path)
+    entries: list[Region] = []
+    offset = 0
+    for name, data in regions:
+        view = memoryview(data).cast("B")
+        entries.append(Region(name=name, offset=offset, nbytes=view.nbytes, checksum=checksum(view)))
+        offset += view.nbytes
+    header = {
+        "format": "thaw",
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "checksum_algorithm": CHECKSUM_ALGORITHM,
+        "payload_nbytes": offset,
+        "regions": [r.to_json() for r in entries],
+        **meta,
+    }
+    blob = _padded_header(header)
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".thaw-", suffix=".partial", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb", buffering=0) as handle:
+            _write_all(handle, _PREFIX.pack(MAGIC, len(blob)))
+            _write_all(handle, blob)
+            for _, data in regions:
+                _write_all(handle, memoryview(data).cast("B"))
+            if fsync:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        if fsync:
+            _fsync_dir(directory)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return Container(
+        path=path,
+        header=header,
+        regions=tuple(entries),
+        payload_offset=_PREFIX.size + len(blob),
+        payload_nbytes=offset,
+    )
+
+
+def _write_all(handle: BinaryIO, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        written = handle.write(view)
+        if not written:
+            raise OSError("short write")
+        view = view[written:]
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (tmpfs, network) refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def read_container(path: str | os.PathLike[str], *, expect_kind: str | None = None) -> Container:
+    """Read and validate a container's header; the payload is checked for size, not content.
+
+    Validation order: existence, magic, header size, UTF-8 JSON, schema, format version,
+    kind, region offsets (contiguous, covering the payload exactly), file size.
+    Use :func:`verify_regions` to check the checksums.
+
+    Raises:
+        SnapshotNotFoundError, SnapshotFormatError, SnapshotVersionError, SnapshotTruncatedError
+    """
+    path = os.fspath(path)
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError as exc:
+        raise SnapshotNotFoundError("no snapshot file here", path=path) from exc
+    except IsADirectoryError as exc:
+        raise SnapshotFormatError("this is a directory, not a snapshot file", path=path) from exc
+    with handle:
+        file_nbytes = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(_PREFIX.size)
+        if len(prefix) < _PREFIX.size:
+            raise SnapshotTruncatedError(
+                f"file is {file_nbytes} bytes, shorter than the 16-byte prefix", path=path
+            )
+        magic, header_nbytes = _PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            raise SnapshotFormatError(
+                f"not a thaw snapshot (magic {magic!r}, expected {MAGIC!r})", path=path
+            )
+        if header_nbytes > MAX_HEADER_NBYTES or header_nbytes == 0:
+            raise SnapshotFormatError(
+                f"header size {header_nbytes} is outside 1..{MAX_HEADER_NBYTES} bytes", path=path
+            )
+        if _PREFIX.size + header_nbytes > file_nbytes:
+            raise SnapshotTruncatedError(
+                f"header claims {header_nbytes} bytes but the file has {file_nbytes}", path=path
+            )
+        blob = handle.read(header_nbytes)
+    try:
+        header = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SnapshotFormatError(f"header is not UTF-8 JSON: {exc}", path=path) from exc
+    _check_schema(header, path)
+    version = header["format_version"]
+    if version != FORMAT_VERSION:
+        raise SnapshotVersionError(
+            f"format version {version!r}; this thaw-agents reads version {FORMAT_VERSION}. "
+            "Upgrade thaw-agents, or re-create the snapshot with this version.",
+            path=path,
+        )
+    if expect_kind is not None and header["kind"] != expect_kind:
+        raise SnapshotFormatError(
+            f"this is a {header['kind']!r} file, expected {expect_kind!r}", path=path
+        )
+    regions = tuple(_parse_regions(header, path))
+    payload_offset = _PREFIX.size + header_nbytes
+    payload_nbytes = header["payload_nbytes"]
+    actual = file_nbytes - payload_offset
+    if actual < payload_nbytes:
+        raise SnapshotTruncatedError(
+            f"payload is {actual} bytes, the header says {payload_nbytes}: the file was cut short",
+            path=path,
+        )
+    if actual > payload_nbytes:
+        raise SnapshotFormatError(
+            f"{actual - payload_nbytes} unexpected bytes after the payload", path=path
+        )
+    return Container(
+        path=path,
+        header=header,
+        regions=regions,
+        payload_offset=payload_offset,
+        payload_nbytes=payload_nbytes,
+    )
+
+
+def _check_schema(header: Any, path: str) -> None:
+    if not isinstance(header, dict):
+        raise SnapshotFormatError("header is not a JSON object", path=path)
+    required: dict[str, type | tuple[type, ...]] = {
+        "format": str,
+        "format_version": int,
+        "kind": str,
+        "checksum_algorithm": str,
+        "payload_nbytes": int,
+        "regions": list,
+    }
+    for key, typ in required.items():
+        if key not in header:
+            raise SnapshotFormatError(f"header lacks the field {key!r}", path=path)
+        value = header[key]
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise SnapshotFormatError(
+                f"header field {key!r} has type {type(value).__name__}", path=path
+            )
+    if header["format"] != "thaw":
+        raise SnapshotFormatError(f"format is {header['format']!r}, expected 'thaw'", path=path)
+    if header["checksum_algorithm"] != CHECKSUM_ALGORITHM:
+        raise SnapshotFormatError(
+            f"unknown checksum algorithm {header['checksum_algorithm']!r}", path=path
+        )
+
+
+def _parse_regions(header: dict[str, Any], path: str) -> Iterable[Region]:
+    expected_offset = 0
+    for index, entry in enumerate(header["regions"]):
+        try:
+            region = Region(
+                name=str(entry["name"]),
+                offset=int(entry["offset"]),
+                nbytes=int(entry["nbytes"]),
+                checksum=str(entry["checksum"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotFormatError(f"region {index} is malformed: {exc}", path=path) from exc
+        if region.offset != expected_offset or region.nbytes < 0:
+            raise SnapshotFormatError(
+                f"region {index} ({region.name}) starts at {region.offset}, expected "
+                f"{expected_offset}: regions must be contiguous",
+                path=path,
+            )
+        expected_offset += region.nbytes
+        yield region
+    if expected_offset != header["payload_nbytes"]:
+        raise SnapshotFormatError(
+            f"regions cover {expected_offset} bytes but payload_nbytes is {header['payload_nbytes']}",
+            path=path,
+        )
+
+
+def verify_regions(container: Container, indices: Iterable[int] | None = None) -> None:
+    """Check the checksums of the given regions (default: all).
+
+    Raises:
+        SnapshotChecksumError: naming the first region whose bytes differ.
+        SnapshotTruncatedError: the file shrank since its header was read.
+    """
+    wanted = range(len(container.regions)) if indices is None else indices
+    with open(container.path, "rb") as handle:
+        for index in wanted:
+            region = container.regions[index]
+            handle.seek(container.payload_offset + region.offset)
+            data = handle.read(region.nbytes)
+            if len(data) != region.nbytes:
+                raise SnapshotTruncatedError(
+                    f"region {region.name} is cut short", path=container.path
+                )
+            if checksum(data) != region.checksum:
+                raise SnapshotChecksumError(
+                    f"region {index} ({region.name}) does not match its checksum: the file is "
+                    "corrupt. Re-create the snapshot or fetch it again.",
+                    path=container.path,
+                    region=index,
+                )

@@ -1,0 +1,201 @@
+"""What a KV snapshot must match, and the content hash chain that keys its blocks.
+
+Two engines can exchange KV blocks only when every field of :class:`KVSpec` is equal:
+the model (by fingerprint, not by name), the KV dtype, block size, the per-layer block
+shapes, and the byte layout of a block (attention backend and, on CPU, the instruction
+set variant: AMX machines pack K differently from AVX-512 ones).
+
+Blocks are keyed by our own chain, never by vLLM's block hashes (those are seeded per
+process on some versions and pickle-based by default)::
+
+    key[-1] = BLAKE3("thaw-chain-v1" | spec.chain_root_material())
+    key[i]  = BLAKE3(key[i-1] | int32-LE token ids of block i)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import blake3
+import numpy as np
+
+__all__ = ["HASH_SCHEME", "KVSpec", "LayerSpec", "chain_keys", "model_fingerprint", "snapshot_id"]
+
+HASH_SCHEME = "thaw-chain-blake3-v1"
+_SAMPLE_NBYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerSpec:
+    """One attention layer's KV cache, described per block."""
+
+    name: str
+    block_shape: tuple[int, ...]
+    block_nbytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KVSpec:
+    """Everything a restore must match, as plain data (crosses process boundaries as JSON)."""
+
+    model_name: str
+    model_fingerprint: str
+    vllm_version: str
+    platform: str
+    kv_layout: str
+    dtype: str
+    block_size: int
+    layers: tuple[LayerSpec, ...] = field(default_factory=tuple)
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block across every layer."""
+        return sum(layer.block_nbytes for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = [
+            {"name": lyr.name, "block_shape": list(lyr.block_shape), "block_nbytes": lyr.block_nbytes}
+            for lyr in self.layers
+        ]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> KVSpec:
+        return cls(
+            model_name=str(data["model_name"]),
+            model_fingerprint=str(data["model_fingerprint"]),
+            vllm_version=str(data["vllm_version"]),
+            platform=str(data["platform"]),
+            kv_layout=str(data["kv_layout"]),
+            dtype=str(data["dtype"]),
+            block_size=int(data["block_size"]),
+            layers=tuple(
+                LayerSpec(
+                    name=str(lyr["name"]),
+                    block_shape=tuple(int(x) for x in lyr["block_shape"]),
+                    block_nbytes=int(lyr["block_nbytes"]),
+                )
+                for lyr in data["layers"]
+            ),
+        )
+
+    def differences(self, other: KVSpec) -> list[tuple[str, Any, Any]]:
+        """Fields that differ, as (field, self's value, other's value), most telling first.
+
+        The vLLM version is informative only: the byte layout is what must match, and
+        it is covered by ``kv_layout``, ``dtype`` and the shapes.
+        """
+        out: list[tuple[str, Any, Any]] = []
+        for name in ("model_fingerprint", "dtype", "block_size", "kv_layout", "platform"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                out.append((name, mine, theirs))
+        mine_layers = [(lyr.block_shape, lyr.block_nbytes) for lyr in self.layers]
+        their_layers = [(lyr.block_shape, lyr.block_nbytes) for lyr in other.layers]
+        if mine_layers != their_layers:
+            out.append(("layers", _layers_summary(self.layers), _layers_summary(other.layers)))
+        return out
+
+    def chain_root_material(self) -> bytes:
+        material = {
+            "model_fingerprint": self.model_fingerprint,
+            "kv_layout": self.kv_layout,
+            "dtype": self.dtype,
+            "block_size": self.block_size,
+            "layers": [list(lyr.block_shape) for lyr in self.layers],
+        }
+        return json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _layers_summary(layers: Sequence[LayerSpec]) -> str:
+    shapes = {tuple(lyr.block_shape) for lyr in layers}
+    return f"{len(layers)} layers, block shapes {sorted(shapes)}"
+
+
+def chain_keys(spec: KVSpec, token_ids: Sequence[int], *, start_key: bytes | None = None) -> list[bytes]:
+    """Chain keys of every full block of ``token_ids`` (a partial tail block gets none).
+
+    Args:
+        spec: the engine's KV spec (its root seeds the chain).
+        token_ids: tokens starting at a block boundary.
+        start_key: the key of the block before ``token_ids[0]``; None for the root.
+    """
+    bs = spec.block_size
+    key = start_key if start_key is not None else chain_root(spec)
+    tokens = np.asarray(token_ids, dtype="<i4")
+    keys: list[bytes] = []
+    for start in range(0, len(tokens) - bs + 1, bs):
+        key = blake3.blake3(key + tokens[start : start + bs].tobytes()).digest()
+        keys.append(key)
+    return keys
+
+
+def chain_root(spec: KVSpec) -> bytes:
+    return blake3.blake3(b"thaw-chain-v1|" + spec.chain_root_material()).digest()
+
+
+def snapshot_id(last_key: bytes, tail_token_ids: Sequence[int]) -> str:
+    """A snapshot's id: its content (the chain's last key plus the partial tail's tokens)."""
+    digest = blake3.blake3(last_key + np.asarray(tail_token_ids, dtype="<i4").tobytes())
+    return "thaw-" + digest.hexdigest()[:32]
+
+
+def model_fingerprint(model: str, hf_config: dict[str, Any] | None = None) -> str:
+    """A fingerprint of a model's weights and architecture.
+
+    For a local folder: SHA-256 over the config and, for each weight file, its name, size
+    and three 1 MiB samples (start, middle, end): different checkpoints of one
+    architecture differ there, and a 16 GB model is fingerprinted in milliseconds.
+    For a hub id that is not a local folder: the id and its config.
+    """
+    path = Path(model)
+    if path.is_dir():
+        return _folder_fingerprint(str(path.resolve()), _mtime_signature(path))
+    digest = hashlib.sha256(b"thaw-model-id-v1|" + model.encode())
+    if hf_config:
+        digest.update(json.dumps(hf_config, sort_keys=True, default=str).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"})
+    return files
+
+
+def _mtime_signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    files = [*_weight_files(path), path / "config.json"]
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists())
+
+
+@lru_cache(maxsize=16)
+def _folder_fingerprint(path: str, signature: tuple[tuple[str, int, int], ...]) -> str:
+    folder = Path(path)
+    digest = hashlib.sha256(b"thaw-model-folder-v1|")
+    config = folder / "config.json"
+    if config.exists():
+        try:
+            digest.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
+        except ValueError:
+            digest.update(config.read_bytes())
+    for weights in _weight_files(folder):
+        size = weights.stat().st_size
+        digest.update(f"|{weights.name}|{size}|".encode())
+        with open(weights, "rb") as handle:
+            for offset in sorted({0, max(0, size // 2 - _SAMPLE_NBYTES // 2), max(0, size - _SAMPLE_NBYTES)}):
+                handle.seek(offset)
+                digest.update(handle.read(_SAMPLE_NBYTES))
+    del signature  # part of the cache key only: a rewritten file gets a new fingerprint
+    return "sha256:" + digest.hexdigest()
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() not in {"0", "false", "no", ""}

@@ -1,0 +1,1 @@
+"""The thaw KV connector for vLLM (scheduler half, worker half, metadata, config)."""

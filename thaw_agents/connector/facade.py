@@ -1,0 +1,107 @@
+"""``ThawConnector``: vLLM's KV connector interface, delegating to a scheduler or worker half.
+
+Enabled by :func:`thaw_agents.engine_kwargs`, or by hand::
+
+    kv_transfer_config={"kv_connector": "ThawConnector",
+                        "kv_connector_module_path": "thaw_agents.connector.facade",
+                        "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
+
+Scheduler side: ``get_num_new_matched_tokens`` (how many prompt tokens a snapshot chain
+supplies), ``update_state_after_alloc`` (which engine blocks to fill), ``on_new_request``
+(remember a save request), ``build_connector_meta`` (this step's jobs),
+``request_finished`` (forget the request). Worker side: ``register_kv_caches``,
+``start_load_kv`` (synchronous load before the forward), ``wait_for_save`` (write
+snapshots after it), ``get_block_ids_with_load_errors``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from .metadata import ThawConnectorMetadata
+from .scheduler import ThawScheduler
+from .worker import ThawWorker
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+__all__ = ["ThawConnector"]
+
+
+class ThawConnector(KVConnectorBase_V1):
+    """The thaw KV connector (see the module docstring)."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._scheduler: ThawScheduler | None = None
+        self._worker: ThawWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = ThawScheduler(vllm_config)
+        else:
+            self._worker = ThawWorker(vllm_config)
+
+    @property
+    def worker(self) -> ThawWorker:
+        assert self._worker is not None, "worker-side call on the scheduler half"
+        return self._worker
+
+    @property
+    def scheduler(self) -> ThawScheduler:
+        assert self._scheduler is not None, "scheduler-side call on the worker half"
+        return self._scheduler
+
+    # -- worker side ---------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, ThawConnectorMetadata)
+        self.worker.start_load_kv(metadata)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+        return  # saves happen once per step in wait_for_save, over all layers at once
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        metadata = self._get_connector_metadata()
+        if isinstance(metadata, ThawConnectorMetadata) and metadata.saves:
+            self.worker.save(metadata)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.get_block_ids_with_load_errors()
+
+    # -- scheduler side ------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def on_new_request(self, request: Request) -> None:
+        self.scheduler.on_new_request(request)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request, block_ids)

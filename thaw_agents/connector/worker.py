@@ -1,0 +1,223 @@
+"""The worker half of the thaw connector.
+
+Runs where the KV cache lives (the engine-core process on CPU, the GPU worker process
+otherwise). Loads snapshot blocks into the cache before a step's forward and writes a
+request's prompt blocks to a snapshot file after it. Failures never raise into vLLM: a
+block that fails to load is reported so vLLM recomputes it, and a failed save leaves an
+``<dest>.error`` file the front reads and raises as a typed error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from thaw_agents.accel import BlockLayout, gather_blocks, scatter_blocks
+
+from .. import __version__
+from .._container import checksum, write_container
+from .._kvspec import HASH_SCHEME, KVSpec, LayerSpec, chain_keys, model_fingerprint, snapshot_id
+from .metadata import LoadJob, SaveJob, ThawConnectorMetadata
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+__all__ = ["ThawWorker"]
+
+logger = logging.getLogger(__name__)
+
+
+def _kv_layout_name(vllm_config: VllmConfig, dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        try:
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+            isa = _get_attn_isa(dtype, block_size, head_size, vllm_config.cache_config.cache_dtype)
+        except Exception:  # an older/newer vLLM without this helper
+            isa = "unknown"
+        return f"cpu-attn/{isa}"
+    backend = getattr(vllm_config.attention_config, "backend", None) if hasattr(vllm_config, "attention_config") else None
+    return f"{current_platform.device_name}/{backend or 'auto'}"
+
+
+class ThawWorker:
+    """Owns the registered KV caches and runs load and save jobs."""
+
+    def __init__(self, vllm_config: VllmConfig) -> None:
+        self._config = vllm_config
+        self._layers: list[torch.Tensor] = []
+        self._layout = BlockLayout(block_dim=0)
+        self.spec: KVSpec | None = None
+        self._load_errors: set[int] = set()
+
+    # -- setup -------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm import __version__ as vllm_version
+        from vllm.platforms import current_platform
+
+        cfg = self._config
+        names = list(kv_caches)
+        self._layers = [kv_caches[n] for n in names]
+        first = self._layers[0]
+        block_size = cfg.cache_config.block_size
+        # Find the dimension that indexes blocks: the one equal to the cache's block count.
+        num_blocks = cfg.cache_config.num_gpu_blocks or 0
+        block_dim = 0
+        if num_blocks and first.shape[0] != num_blocks and first.dim() > 1 and first.shape[1] == num_blocks:
+            block_dim = 1  # FlashAttention-style [2, num_blocks, ...]
+        self._layout = BlockLayout(block_dim=block_dim)
+        layers = []
+        for name, tensor in zip(names, self._layers):
+            shape = list(tensor.shape)
+            del shape[block_dim]
+            layers.append(LayerSpec(name=name, block_shape=tuple(shape),
+                                    block_nbytes=tensor.numel() // tensor.shape[block_dim] * tensor.element_size()))
+        head_size = cfg.model_config.get_head_size()
+        dtype = first.dtype
+        self.spec = KVSpec(
+            model_name=cfg.model_config.served_model_name or cfg.model_config.model,
+            model_fingerprint=model_fingerprint(cfg.model_config.model,
+                                                cfg.model_config.hf_config.to_dict()),
+            vllm_version=vllm_version,
+            platform="cpu" if current_platform.is_cpu() else current_platform.device_name,
+            kv_layout=_kv_layout_name(cfg, dtype, block_size, head_size),
+            dtype=str(dtype).removeprefix("torch."),
+            block_size=block_size,
+            layers=tuple(layers),
+        )
+        logger.debug("thaw: registered %d KV layers, first %s stride %s, block_dim %d",
+                     len(names), tuple(first.shape), first.stride(), block_dim)
+
+    def describe(self) -> dict[str, Any]:
+        if self.spec is None:
+            raise RuntimeError("the KV cache is not registered yet")
+        return self.spec.to_json()
+
+    # -- loads -------------------------------------------------------------------------
+    def start_load_kv(self, metadata: ThawConnectorMetadata) -> None:
+        for job in metadata.loads:
+            try:
+                self._load(job)
+            except Exception as exc:
+                logger.error("thaw: request %s: loading %d blocks failed, they will be recomputed: %s",
+                             job.req_id, len(job.block_ids), exc)
+                self._load_errors.update(job.block_ids)
+
+    def _load(self, job: LoadJob) -> None:
+        start = time.perf_counter()
+        bad: set[int] = set()
+        by_file: dict[str, list[int]] = defaultdict(list)
+        for i, src in enumerate(job.sources):
+            by_file[src.path].append(i)
+        staged = torch.empty((len(job.block_ids), self.spec.block_nbytes), dtype=torch.uint8)
+        buf = staged.numpy()
+        for path, indices in by_file.items():
+            with open(path, "rb", buffering=0) as handle:
+                for run in _contiguous_runs(job.sources, indices):
+                    first = job.sources[run[0]]
+                    view = memoryview(buf[run[0] : run[-1] + 1]).cast("B")
+                    got = os.preadv(handle.fileno(), [view], first.offset)
+                    if got != view.nbytes:
+                        bad.update(job.block_ids[i] for i in run)
+                        continue
+                    for i in run:
+                        if checksum(buf[i].data) != job.sources[i].checksum:
+                            bad.add(job.block_ids[i])
+        good = [i for i, b in enumerate(job.block_ids) if b not in bad]
+        if len(good) == len(job.block_ids):
+            scatter_blocks(staged, self._layers, job.block_ids, layout=self._layout)
+        elif good:
+            scatter_blocks(staged[good], self._layers, [job.block_ids[i] for i in good], layout=self._layout)
+        if bad:
+            logger.error("thaw: request %s: %d snapshot blocks failed their checksum; recomputing them",
+                         job.req_id, len(bad))
+            self._load_errors.update(bad)
+        logger.debug("thaw: request %s: loaded %d blocks in %.1f ms", job.req_id,
+                     len(good), (time.perf_counter() - start) * 1e3)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # -- saves -------------------------------------------------------------------------
+    def save(self, metadata: ThawConnectorMetadata) -> None:
+        for job in metadata.saves:
+            dest = str(job.meta.get("dest", ""))
+            try:
+                self._save(job, dest)
+            except Exception as exc:
+                logger.error("thaw: request %s: saving the snapshot to %s failed: %s", job.req_id, dest, exc)
+                _write_error(dest, f"{type(exc).__name__}: {exc}")
+
+    def _save(self, job: SaveJob, dest: str) -> None:
+        if self.spec is None:
+            raise RuntimeError("the KV cache is not registered")
+        if not dest or not os.path.isabs(dest):
+            raise ValueError(f"snapshot destination must be an absolute path, got {dest!r}")
+        start = time.perf_counter()
+        bs = self.spec.block_size
+        parent = job.meta.get("parent") or None
+        start_key = bytes.fromhex(parent["last_key"]) if parent else None
+        full = len(job.token_ids) // bs
+        own_tokens = job.token_ids[job.first_block * bs : full * bs]
+        keys = chain_keys(self.spec, own_tokens, start_key=start_key)
+        if len(keys) != len(job.block_ids):
+            raise RuntimeError(f"{len(job.block_ids)} engine blocks for {len(keys)} snapshot blocks")
+        tail = list(job.token_ids[full * bs :])
+        last_key = keys[-1] if keys else (start_key if start_key is not None else b"")
+        staged = gather_blocks(self._layers, job.block_ids, layout=self._layout)
+        rows = staged.numpy()
+        meta = {
+            "created_by": f"thaw-agents {__version__}",
+            "hash_scheme": HASH_SCHEME,
+            "kv_spec": self.spec.to_json(),
+            "snapshot": {
+                "id": snapshot_id(last_key, tail),
+                "first_block": job.first_block,
+                "token_ids": list(own_tokens),
+                "tail_token_ids": tail,
+                "keys": [k.hex() for k in keys],
+                "parent": parent and {k: parent[k] for k in ("snapshot_id", "num_blocks", "last_key")},
+            },
+        }
+        # Shared memory needs no fsync; a disk does.
+        fsync = not dest.startswith("/dev/shm/")
+        write_container(dest, "kv", meta,
+                        [(f"block {job.first_block + i}", rows[i].data) for i in range(len(rows))],
+                        fsync=fsync)
+        logger.debug("thaw: request %s: saved %d blocks (%d bytes) in %.1f ms", job.req_id,
+                     len(rows), rows.nbytes, (time.perf_counter() - start) * 1e3)
+
+
+def _contiguous_runs(sources: tuple, indices: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and sources[runs[-1][-1]].offset + sources[runs[-1][-1]].nbytes == sources[i].offset \
+                and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _write_error(dest: str, message: str) -> None:
+    if not dest:
+        return
+    try:
+        fd = os.open(dest + ".error", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"error": message}, handle)
+    except OSError:
+        pass
+
+
+_ = np  # numpy views back the staging buffers
