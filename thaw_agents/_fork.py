@@ -294,7 +294,7 @@ def fork(engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None) -> Fo
     keys = chain_keys(spec, own[: len(own) // bs * bs], start_key=start_key)
     last_key = keys[-1] if keys else (start_key or b"")
     full = covered + len(keys) * bs
-    sid = snapshot_id(last_key, tokens[full:])
+    sid = snapshot_id(spec, last_key, tokens[full:])
     dest = store_dir() / (sid + SUFFIX)
     error_file = Path(str(dest) + ".error")
     error_file.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ set variant: AMX machines pack K differently from AVX-512 ones).
 Blocks are keyed by our own chain, never by vLLM's block hashes (those are seeded per
 process on some versions and pickle-based by default)::
 
-    key[-1] = BLAKE3("thaw-chain-v1" | spec.chain_root_material())
+    key[-1] = BLAKE3("thaw-chain-v1|" | model fingerprint, block size as JSON)
     key[i]  = BLAKE3(key[i-1] | int32-LE token ids of block i)
 """
 
@@ -105,11 +105,17 @@ class KVSpec:
         return out
 
     def chain_root_material(self) -> bytes:
+        """What seeds the key chain: the model and the block size (they decide the tokens of
+        each block). The byte layout is checked field by field instead, so an engine that
+        differs gets an error naming the field rather than a silent miss."""
+        material = {"model_fingerprint": self.model_fingerprint, "block_size": self.block_size}
+        return json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
+
+    def layout_material(self) -> bytes:
         material = {
-            "model_fingerprint": self.model_fingerprint,
             "kv_layout": self.kv_layout,
             "dtype": self.dtype,
-            "block_size": self.block_size,
+            "platform": self.platform,
             "layers": [list(lyr.block_shape) for lyr in self.layers],
         }
         return json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
@@ -142,9 +148,11 @@ def chain_root(spec: KVSpec) -> bytes:
     return blake3.blake3(b"thaw-chain-v1|" + spec.chain_root_material()).digest()
 
 
-def snapshot_id(last_key: bytes, tail_token_ids: Sequence[int]) -> str:
-    """A snapshot's id: its content (the chain's last key plus the partial tail's tokens)."""
-    digest = blake3.blake3(last_key + np.asarray(tail_token_ids, dtype="<i4").tobytes())
+def snapshot_id(spec: KVSpec, last_key: bytes, tail_token_ids: Sequence[int]) -> str:
+    """A snapshot's id, from its content: the chain's last key, the partial tail's tokens,
+    and the KV byte layout (the same tokens in another dtype are another snapshot)."""
+    digest = blake3.blake3(spec.layout_material() + b"|" + last_key
+                           + np.asarray(tail_token_ids, dtype="<i4").tobytes())
     return "thaw-" + digest.hexdigest()[:32]
 
 

@@ -64,6 +64,15 @@ class ThawWorker:
         from vllm import __version__ as vllm_version
         from vllm.platforms import current_platform
 
+        if self._layers:
+            # vLLM keeps one worker-side connector per process; a second in-process engine
+            # would share it and read the other engine's KV. Refuse instead of mixing them.
+            raise RuntimeError(
+                "thaw: a second vLLM engine in this process tried to register its KV cache with "
+                "the thaw connector of the first. Run one in-process engine per process, shut the "
+                "first down, or set VLLM_ENABLE_V1_MULTIPROCESSING=1 (each engine core in its own "
+                "process)."
+            )
         cfg = self._config
         names = list(kv_caches)
         self._layers = [kv_caches[n] for n in names]
@@ -181,7 +190,7 @@ class ThawWorker:
             "hash_scheme": HASH_SCHEME,
             "kv_spec": self.spec.to_json(),
             "snapshot": {
-                "id": snapshot_id(last_key, tail),
+                "id": snapshot_id(self.spec, last_key, tail),
                 "first_block": job.first_block,
                 "token_ids": list(own_tokens),
                 "tail_token_ids": tail,

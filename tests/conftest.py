@@ -1,0 +1,45 @@
+"""Shared fixtures: one real vLLM engine per test session (the default model, in-process)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+MAX_MODEL_LEN = 4096
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private snapshot store for the session (never the user's)."""
+    path = tmp_path_factory.mktemp("store")
+    os.environ["THAW_AGENTS_STORE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llm(store: Path):
+    """The default model in a real vLLM engine with thaw enabled, shared by every test."""
+    import thaw_agents
+
+    engine = thaw_agents.make_llm(max_model_len=MAX_MODEL_LEN, seed=0)
+    yield engine
+    try:
+        engine.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+
+
+@pytest.fixture(scope="session")
+def trunk_text() -> str:
+    """About 1,200 tokens of shared context that a person could read."""
+    from helpers.texts import long_trunk
+
+    return long_trunk()

@@ -1,0 +1,177 @@
+"""The .thaw container reader against hostile files: each defect has its own error."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+
+from thaw_agents import (
+    SnapshotChecksumError,
+    SnapshotFormatError,
+    SnapshotNotFoundError,
+    SnapshotTruncatedError,
+    SnapshotVersionError,
+)
+from thaw_agents._container import MAGIC, read_container, verify_regions, write_container
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    path = tmp_path / "good.thaw"
+    write_container(path, "test", {"note": "hello"}, [("a", os.urandom(5000)), ("b", os.urandom(3))])
+    return path
+
+
+def _raw(path: Path, header: bytes, payload: bytes = b"", magic: bytes = MAGIC) -> Path:
+    path.write_bytes(struct.pack("<8sQ", magic, len(header)) + header + payload)
+    return path
+
+
+def test_round_trip_and_owner_only(good: Path) -> None:
+    container = read_container(good)
+    assert container.kind == "test"
+    assert [r.name for r in container.regions] == ["a", "b"]
+    assert container.payload_offset % 4096 == 0
+    verify_regions(container)
+    assert (good.stat().st_mode & 0o777) == 0o600
+
+
+def test_writer_is_deterministic(tmp_path: Path) -> None:
+    data = [("x", b"\x01" * 100)]
+    write_container(tmp_path / "1.thaw", "test", {"k": 1}, data)
+    write_container(tmp_path / "2.thaw", "test", {"k": 1}, data)
+    assert (tmp_path / "1.thaw").read_bytes() == (tmp_path / "2.thaw").read_bytes()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotNotFoundError):
+        read_container(tmp_path / "nope.thaw")
+
+
+def test_bad_magic(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotFormatError, match="magic"):
+        read_container(_raw(tmp_path / "f", b"{}", magic=b"NOTTHAW!"))
+
+
+def test_pickle_file_is_refused_without_unpickling(tmp_path: Path) -> None:
+    sentinel = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    path = tmp_path / "model.thaw"
+    path.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(SnapshotFormatError):
+        read_container(path)
+    assert not sentinel.exists()
+
+
+def test_payload_replaced_by_pickle_fails_checksum(good: Path, tmp_path: Path) -> None:
+    sentinel = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    container = read_container(good)
+    blob = pickle.dumps(Exploit()).ljust(5003, b"\0")[:5003]
+    with open(good, "r+b") as handle:
+        handle.seek(container.payload_offset)
+        handle.write(blob)
+    with pytest.raises(SnapshotChecksumError) as info:
+        verify_regions(read_container(good))
+    assert info.value.region == 0
+    assert not sentinel.exists()
+
+
+def test_header_size_out_of_range(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(struct.pack("<8sQ", MAGIC, 1 << 40) + b"{}")
+    with pytest.raises(SnapshotFormatError, match="header size"):
+        read_container(path)
+
+
+def test_header_longer_than_file(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(struct.pack("<8sQ", MAGIC, 1000) + b"{}")
+    with pytest.raises(SnapshotTruncatedError):
+        read_container(path)
+
+
+def test_header_not_json(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotFormatError, match="JSON"):
+        read_container(_raw(tmp_path / "f", b"\xff\xfe not json"))
+
+
+def test_header_schema(tmp_path: Path) -> None:
+    header = json.dumps({"format": "thaw", "format_version": 1}).encode()
+    with pytest.raises(SnapshotFormatError, match="lacks"):
+        read_container(_raw(tmp_path / "f", header))
+
+
+def _header(**overrides) -> bytes:
+    base = {"format": "thaw", "format_version": 1, "kind": "test", "checksum_algorithm": "blake3",
+            "payload_nbytes": 4, "regions": [{"name": "a", "offset": 0, "nbytes": 4, "checksum": "0"}]}
+    base.update(overrides)
+    return json.dumps(base).encode()
+
+
+def test_unknown_version(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotVersionError, match="version 99"):
+        read_container(_raw(tmp_path / "f", _header(format_version=99), b"abcd"))
+
+
+def test_regions_must_cover_payload(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotFormatError, match="cover"):
+        read_container(_raw(tmp_path / "f", _header(payload_nbytes=8), b"abcdabcd"))
+    gap = [{"name": "a", "offset": 4, "nbytes": 0, "checksum": "0"}]
+    with pytest.raises(SnapshotFormatError, match="contiguous"):
+        read_container(_raw(tmp_path / "g", _header(regions=gap, payload_nbytes=0)))
+
+
+def test_truncated_payload(good: Path) -> None:
+    size = good.stat().st_size
+    with open(good, "r+b") as handle:
+        handle.truncate(size - 10)
+    with pytest.raises(SnapshotTruncatedError, match="cut short"):
+        read_container(good)
+
+
+def test_trailing_bytes(good: Path) -> None:
+    with open(good, "ab") as handle:
+        handle.write(b"extra")
+    with pytest.raises(SnapshotFormatError, match="unexpected bytes"):
+        read_container(good)
+
+
+def test_flipped_byte(good: Path) -> None:
+    container = read_container(good)
+    with open(good, "r+b") as handle:
+        handle.seek(container.payload_offset + 5001)
+        handle.write(b"\x00" if handle.read(1) != b"\x00" else b"\x01")
+    with pytest.raises(SnapshotChecksumError, match="region 1"):
+        verify_regions(read_container(good))
+
+
+def test_wrong_kind(good: Path) -> None:
+    with pytest.raises(SnapshotFormatError, match="expected 'kv'"):
+        read_container(good, expect_kind="kv")
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that fills up at flush time leaves neither the file nor a temporary."""
+    import errno
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_container(tmp_path / "x.thaw", "test", {}, [("a", b"ok" * 100)])
+    assert list(tmp_path.iterdir()) == []

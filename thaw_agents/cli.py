@@ -1,0 +1,92 @@
+"""``thaw-agents`` on the command line.
+
+    thaw-agents model prepare      prepare the default model (once, ~30 s)
+    thaw-agents model path         print the default model's folder (preparing it if needed)
+    thaw-agents info PATH          print a snapshot's manifest in a readable form
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from .models import default_model, prepare_default_model
+
+    if args.action == "prepare":
+        path = prepare_default_model(force=args.force)
+    else:
+        path = default_model(progress=False)
+    print(path)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from ._container import verify_regions
+    from ._manifest import read_kv_manifest
+
+    manifest = read_kv_manifest(args.path)
+    if args.verify:
+        verify_regions(manifest.container)
+    if args.json:
+        print(json.dumps(manifest.container.header, indent=2, sort_keys=True))
+        return 0
+    spec = manifest.spec
+    tokens = len(manifest.token_ids) + len(manifest.tail_token_ids)
+    rows = [
+        ("snapshot", manifest.snapshot_id),
+        ("file", manifest.path),
+        ("created by", manifest.created_by),
+        ("format", f"thaw v{manifest.container.header['format_version']}, {manifest.container.kind}"),
+        ("model", f"{spec.model_name}  ({spec.model_fingerprint})"),
+        ("engine", f"vLLM {spec.vllm_version}, {spec.platform}, layout {spec.kv_layout}"),
+        ("kv", f"{spec.dtype}, block size {spec.block_size}, {len(spec.layers)} layers, "
+               f"{spec.block_nbytes:,} bytes per block"),
+        ("blocks", f"{manifest.first_block}..{manifest.end_block - 1} ({manifest.num_blocks} in this file)"
+                   if manifest.num_blocks else "none"),
+        ("tokens", f"{tokens} in this file ({len(manifest.tail_token_ids)} in the partial tail)"),
+        ("parent", f"{manifest.parent.snapshot_id} ({manifest.parent.num_blocks} blocks)"
+                   if manifest.parent else "none (root)"),
+        ("payload", f"{manifest.container.payload_nbytes:,} bytes, "
+                    f"{len(manifest.container.regions)} regions, {manifest.container.header['checksum_algorithm']}"),
+        ("checksums", "verified" if args.verify else "not checked (--verify)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thaw-agents", description="Fork a live LLM session.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model = sub.add_parser("model", help="the default model")
+    model.add_argument("action", choices=["prepare", "path"])
+    model.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    model.set_defaults(func=_cmd_model)
+    info = sub.add_parser("info", help="show a snapshot's manifest")
+    info.add_argument("path")
+    info.add_argument("--json", action="store_true", help="the raw header as JSON")
+    info.add_argument("--verify", action="store_true", help="also check every checksum")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ._errors import ThawError
+
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ThawError as exc:
+        print(f"thaw-agents: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
