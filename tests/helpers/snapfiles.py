@@ -31,7 +31,8 @@ def rewrite_header(src: Path, dst: Path, mutate: Callable[[dict[str, Any]], None
 
 
 def flip_byte(src: Path, dst: Path, payload_index: int = 1000) -> Path:
-    shutil.copyfile(src, dst)
+    if Path(src).resolve() != Path(dst).resolve():
+        shutil.copyfile(src, dst)
     container = read_container(dst)
     with open(dst, "r+b") as handle:
         handle.seek(container.payload_offset + payload_index)

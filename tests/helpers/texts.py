@@ -19,7 +19,7 @@ def parse_config(path):
 '''
 
 
-def long_trunk(copies: int = 6) -> str:
+def long_trunk(copies: int = 9) -> str:
     """A code-review context of roughly 1,200 tokens with the default model's tokenizer."""
     parts = ["You are reviewing a pull request for a small configuration library.\n"]
     for index in range(copies):

@@ -1,0 +1,46 @@
+"""A seeded, randomly initialised tiny Llama (a few MB) with the default model's tokenizer.
+
+Usage as a script: python tiny_model.py OUT_SNAPSHOT.thaw  (forks a prompt on it and saves)
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+
+def build_tiny_model(folder: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from thaw_agents.models import default_model
+
+    if (folder / "config.json").exists():
+        return folder
+    src = default_model(progress=False)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, folder / name)
+    return folder
+
+
+def main() -> None:
+    import thaw_agents
+
+    out = Path(sys.argv[1])
+    folder = build_tiny_model(out.parent / "tiny-llama")
+    llm = thaw_agents.make_llm(str(folder), max_model_len=1024, seed=0)
+    handle = thaw_agents.fork(llm, "A prompt for a different model. " * 20)
+    handle.save(out)
+
+
+if __name__ == "__main__":
+    main()
