@@ -12,5 +12,6 @@ Example:
 """
 
 from ._blocks import BlockLayout, gather_blocks, scatter_blocks, staging_nbytes
+from ._staging import StagingBuffer
 
-__all__ = ["BlockLayout", "gather_blocks", "scatter_blocks", "staging_nbytes"]
+__all__ = ["BlockLayout", "StagingBuffer", "gather_blocks", "scatter_blocks", "staging_nbytes"]

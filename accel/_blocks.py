@@ -59,15 +59,14 @@ def staging_nbytes(layers: Sequence[torch.Tensor], num_blocks: int, layout: Bloc
     return num_blocks * sum(_layer_block_nbytes(t, layout) for t in layers)
 
 
-def _u8_blocks(view: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, ...] -> [num_blocks, block_nbytes] uint8 when each block is contiguous."""
+def _u8_rows(view: torch.Tensor):
+    """[num_blocks, ...] -> a NumPy uint8 [num_blocks, block_nbytes] view, or None if blocks
+    are not contiguous rows (then the torch fallback copies)."""
     import torch
 
-    if view[0].is_contiguous() if view.shape[0] else True:
-        flat = view.reshape(view.shape[0], -1) if view.is_contiguous() else None
-        if flat is not None:
-            return flat.view(torch.uint8)
-    return None  # type: ignore[return-value]
+    if view.device.type != "cpu" or not view.is_contiguous():
+        return None
+    return view.reshape(view.shape[0], -1).view(torch.uint8).numpy()
 
 
 def gather_blocks(
@@ -97,7 +96,9 @@ def gather_blocks(
     if out is None:
         out = torch.empty((len(ids), total), dtype=torch.uint8, device=layers[0].device)
     elif out.dtype != torch.uint8 or tuple(out.shape) != (len(ids), total):
-        raise ValueError(f"out must be uint8 of shape {(len(ids), total)}, got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"out must be uint8 of shape {(len(ids), total)}, got {out.dtype} {tuple(out.shape)}"
+        )
     if not ids:
         return out
     if layers[0].is_cuda:
@@ -105,35 +106,26 @@ def gather_blocks(
 
         gather_cuda(layers, ids, out, layout)
         return out
-    index = torch.tensor(ids, dtype=torch.long)
+    # One memcpy per (block, layer) straight into the staging row: measured as fast as a
+    # plain NumPy copy of the same bytes, where index_select + copy paid twice.
+    out_np = out.numpy() if out.device.type == "cpu" else None
+    index = None
     col = 0
     for layer in layers:
         view = _block_view(layer, layout)
         nbytes = _layer_block_nbytes(layer, layout)
-        u8 = _u8_blocks(view)
-        if u8 is not None:
-            torch.index_select(u8, 0, index, out=_scratch(out, nbytes, len(ids)))
-            out[:, col : col + nbytes].copy_(_scratch(out, nbytes, len(ids)))
-        else:  # non-contiguous blocks: a strided copy per layer, still no Python loop per block
-            out[:, col : col + nbytes].copy_(view.index_select(0, index).reshape(len(ids), -1).view(torch.uint8))
+        rows = _u8_rows(view)
+        if rows is not None and out_np is not None:
+            dst = out_np[:, col : col + nbytes]
+            for i, b in enumerate(ids):
+                dst[i] = rows[b]
+        else:
+            if index is None:
+                index = torch.tensor(ids, dtype=torch.long)
+            picked = view.index_select(0, index).contiguous()
+            out[:, col : col + nbytes].copy_(picked.reshape(len(ids), -1).view(torch.uint8))
         col += nbytes
     return out
-
-
-_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _scratch(like: torch.Tensor, nbytes: int, n: int) -> torch.Tensor:
-    import torch
-
-    key = (n, nbytes)
-    buf = _SCRATCH.get(key)
-    if buf is None:
-        if len(_SCRATCH) > 8:
-            _SCRATCH.clear()
-        buf = torch.empty((n, nbytes), dtype=torch.uint8)
-        _SCRATCH[key] = buf
-    return buf
 
 
 def scatter_blocks(
@@ -172,16 +164,20 @@ def scatter_blocks(
 
         scatter_cuda(staged, layers, ids, layout)
         return
-    index = torch.tensor(ids, dtype=torch.long)
+    staged_np = staged.numpy() if staged.device.type == "cpu" and staged.is_contiguous() else None
+    index = None
     col = 0
     for layer in layers:
         view = _block_view(layer, layout)
         nbytes = _layer_block_nbytes(layer, layout)
-        u8 = _u8_blocks(view)
-        part = staged[:, col : col + nbytes]
-        if u8 is not None:
-            u8.index_copy_(0, index, part)
+        rows = _u8_rows(view)
+        if rows is not None and staged_np is not None:
+            src = staged_np[:, col : col + nbytes]
+            for i, b in enumerate(ids):
+                rows[b] = src[i]
         else:
-            shaped = part.contiguous().view(layer.dtype).reshape((len(ids), *view.shape[1:]))
-            view.index_copy_(0, index, shaped)
+            if index is None:
+                index = torch.tensor(ids, dtype=torch.long)
+            part = staged[:, col : col + nbytes].contiguous()
+            view.index_copy_(0, index, part.view(layer.dtype).reshape((len(ids), *view.shape[1:])))
         col += nbytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -31,10 +32,8 @@ def llm(store: Path):
 
     engine = thaw_agents.make_llm(max_model_len=MAX_MODEL_LEN, seed=0)
     yield engine
-    try:
+    with contextlib.suppress(Exception):
         engine.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ does) can be forked from and hydrated into, as can a plain ``vllm.LLM``.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -30,8 +31,11 @@ class EngineAdapter(Protocol):
 
 
 def _is_messages(prefix: Any) -> bool:
-    return isinstance(prefix, Sequence) and not isinstance(prefix, str) and bool(prefix) and all(
-        isinstance(m, dict) or hasattr(m, "type") for m in prefix
+    return (
+        isinstance(prefix, Sequence)
+        and not isinstance(prefix, str)
+        and bool(prefix)
+        and all(isinstance(m, dict) or hasattr(m, "type") for m in prefix)
     )
 
 
@@ -64,9 +68,7 @@ class LLMAdapter:
                 ) from exc
             reply = replies[0]
             if "error" in reply:
-                raise ConfigError(
-                    f"{reply['error']}; build the engine with thaw_agents.engine_kwargs()"
-                )
+                raise ConfigError(f"{reply['error']}; build the engine with thaw_agents.engine_kwargs()")
             if len(replies) > 1:
                 raise ConfigError("tensor/pipeline parallel engines are not supported by fork yet")
             self._spec = KVSpec.from_json(reply["spec"])
@@ -92,8 +94,9 @@ class LLMAdapter:
     def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> int:
         from vllm import SamplingParams, TokensPrompt
 
-        params = SamplingParams(max_tokens=1, temperature=0.0,
-                                extra_args={"kv_transfer_params": kv_transfer_params})
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": kv_transfer_params}
+        )
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)
         output = outputs[0]
         if output.outputs and output.outputs[0].finish_reason == "error":
@@ -115,10 +118,8 @@ def adapter_for(engine: Any) -> EngineAdapter:
             adapter = None
         if adapter is None:
             adapter = LLMAdapter(engine)
-            try:
+            with contextlib.suppress(TypeError):  # not weak-referenceable: no caching
                 _ADAPTERS[engine] = adapter
-            except TypeError:
-                pass
         return adapter
     raise ConfigError(
         f"cannot fork from {type(engine).__name__}: pass a vllm.LLM built with "

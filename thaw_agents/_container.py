@@ -16,6 +16,7 @@ rename) and leaves files readable by their owner only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -73,7 +74,12 @@ class Region:
     checksum: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "offset": self.offset, "nbytes": self.nbytes, "checksum": self.checksum}
+        return {
+            "name": self.name,
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "checksum": self.checksum,
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,10 +153,8 @@ def write_container(
         if fsync:
             _fsync_dir(directory)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     return Container(
         path=path,
@@ -195,7 +199,7 @@ def read_container(path: str | os.PathLike[str], *, expect_kind: str | None = No
     """
     path = os.fspath(path)
     try:
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the with below
     except FileNotFoundError as exc:
         raise SnapshotNotFoundError("no snapshot file here", path=path) from exc
     except IsADirectoryError as exc:
@@ -209,9 +213,7 @@ def read_container(path: str | os.PathLike[str], *, expect_kind: str | None = No
             )
         magic, header_nbytes = _PREFIX.unpack(prefix)
         if magic != MAGIC:
-            raise SnapshotFormatError(
-                f"not a thaw snapshot (magic {magic!r}, expected {MAGIC!r})", path=path
-            )
+            raise SnapshotFormatError(f"not a thaw snapshot (magic {magic!r}, expected {MAGIC!r})", path=path)
         if header_nbytes > MAX_HEADER_NBYTES or header_nbytes == 0:
             raise SnapshotFormatError(
                 f"header size {header_nbytes} is outside 1..{MAX_HEADER_NBYTES} bytes", path=path
@@ -234,9 +236,7 @@ def read_container(path: str | os.PathLike[str], *, expect_kind: str | None = No
             path=path,
         )
     if expect_kind is not None and header["kind"] != expect_kind:
-        raise SnapshotFormatError(
-            f"this is a {header['kind']!r} file, expected {expect_kind!r}", path=path
-        )
+        raise SnapshotFormatError(f"this is a {header['kind']!r} file, expected {expect_kind!r}", path=path)
     regions = tuple(_parse_regions(header, path))
     payload_offset = _PREFIX.size + header_nbytes
     payload_nbytes = header["payload_nbytes"]
@@ -247,9 +247,7 @@ def read_container(path: str | os.PathLike[str], *, expect_kind: str | None = No
             path=path,
         )
     if actual > payload_nbytes:
-        raise SnapshotFormatError(
-            f"{actual - payload_nbytes} unexpected bytes after the payload", path=path
-        )
+        raise SnapshotFormatError(f"{actual - payload_nbytes} unexpected bytes after the payload", path=path)
     return Container(
         path=path,
         header=header,
@@ -275,15 +273,11 @@ def _check_schema(header: Any, path: str) -> None:
             raise SnapshotFormatError(f"header lacks the field {key!r}", path=path)
         value = header[key]
         if not isinstance(value, typ) or isinstance(value, bool):
-            raise SnapshotFormatError(
-                f"header field {key!r} has type {type(value).__name__}", path=path
-            )
+            raise SnapshotFormatError(f"header field {key!r} has type {type(value).__name__}", path=path)
     if header["format"] != "thaw":
         raise SnapshotFormatError(f"format is {header['format']!r}, expected 'thaw'", path=path)
     if header["checksum_algorithm"] != CHECKSUM_ALGORITHM:
-        raise SnapshotFormatError(
-            f"unknown checksum algorithm {header['checksum_algorithm']!r}", path=path
-        )
+        raise SnapshotFormatError(f"unknown checksum algorithm {header['checksum_algorithm']!r}", path=path)
 
 
 def _parse_regions(header: dict[str, Any], path: str) -> Iterable[Region]:
@@ -327,9 +321,7 @@ def verify_regions(container: Container, indices: Iterable[int] | None = None) -
             handle.seek(container.payload_offset + region.offset)
             data = handle.read(region.nbytes)
             if len(data) != region.nbytes:
-                raise SnapshotTruncatedError(
-                    f"region {region.name} is cut short", path=container.path
-                )
+                raise SnapshotTruncatedError(f"region {region.name} is cut short", path=container.path)
             if checksum(data) != region.checksum:
                 raise SnapshotChecksumError(
                     f"region {index} ({region.name}) does not match its checksum: the file is "

@@ -25,7 +25,15 @@ from ._container import verify_regions
 from ._errors import ConfigError, EngineError, SnapshotNotFoundError
 from ._kvspec import KVSpec, chain_keys, snapshot_id
 from ._manifest import KVManifest, read_kv_manifest
-from ._store import SUFFIX, copy_from_uri, copy_to_uri, is_local_uri, local_path, sibling_uri, store_dir
+from ._store import (
+    SUFFIX,
+    copy_from_uri,
+    copy_to_uri,
+    is_local_uri,
+    local_path,
+    sibling_uri,
+    store_dir,
+)
 from .connector.params import load_params, save_params
 
 __all__ = ["ForkHandle", "fork", "with_fork"]
@@ -52,8 +60,10 @@ class ForkHandle:
     manifests: tuple[KVManifest, ...] = field(compare=False)
 
     def __repr__(self) -> str:
-        return (f"ForkHandle(id={self.id!r}, num_tokens={self.num_tokens}, "
-                f"num_snapshot_tokens={self.num_snapshot_tokens}, files={len(self.paths)})")
+        return (
+            f"ForkHandle(id={self.id!r}, num_tokens={self.num_tokens}, "
+            f"num_snapshot_tokens={self.num_snapshot_tokens}, files={len(self.paths)})"
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -123,8 +133,10 @@ class ForkHandle:
         elif _is_token_list(extension):
             more = list(extension)
         else:
-            raise ConfigError("a child fork extends its parent by a string or token ids; "
-                              "for messages call fork(engine, all_messages, parent=handle)")
+            raise ConfigError(
+                "a child fork extends its parent by a string or token ids; "
+                "for messages call fork(engine, all_messages, parent=handle)"
+            )
         return fork(engine, list(self.token_ids) + more, parent=self)
 
     # -- storage -------------------------------------------------------------------------
@@ -135,7 +147,7 @@ class ForkHandle:
         :meth:`load` finds the whole chain. Returns ``uri``.
         """
         uri = os.fspath(uri)
-        for path, manifest in zip(self.paths[:-1], self.manifests[:-1]):
+        for path, manifest in zip(self.paths[:-1], self.manifests[:-1], strict=True):
             copy_to_uri(path, sibling_uri(uri, manifest.snapshot_id + SUFFIX))
         copy_to_uri(self.paths[-1], uri)
         return uri
@@ -195,7 +207,9 @@ class ForkHandle:
 
 
 def _is_token_list(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str) and all(isinstance(t, int) for t in value)
+    return (
+        isinstance(value, Sequence) and not isinstance(value, str) and all(isinstance(t, int) for t in value)
+    )
 
 
 def _materialise(uri: str) -> Path:
@@ -237,12 +251,18 @@ def _find_parent(uri: str, parent_id: str) -> str:
 def _handle_from_chain(paths: list[Path], manifests: list[KVManifest]) -> ForkHandle:
     tokens: list[int] = []
     for index, manifest in enumerate(manifests):
-        if index and manifests[index - 1].snapshot_id != (manifest.parent.snapshot_id if manifest.parent else None):
+        if index and manifests[index - 1].snapshot_id != (
+            manifest.parent.snapshot_id if manifest.parent else None
+        ):
             raise SnapshotNotFoundError(f"{manifest.path} does not extend {manifests[index - 1].snapshot_id}")
         tokens.extend(manifest.token_ids)
     tokens.extend(manifests[-1].tail_token_ids)
-    return ForkHandle(id=manifests[-1].snapshot_id, token_ids=tuple(tokens), paths=tuple(paths),
-                      manifests=tuple(manifests))
+    return ForkHandle(
+        id=manifests[-1].snapshot_id,
+        token_ids=tuple(tokens),
+        paths=tuple(paths),
+        manifests=tuple(manifests),
+    )
 
 
 def fork(engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None) -> ForkHandle:
@@ -280,10 +300,16 @@ def fork(engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None) -> Fo
         if tuple(tokens[: parent.num_tokens]) != parent.token_ids:
             raise ConfigError("the prefix does not start with the parent's tokens")
         if parent.num_blocks:
-            start_key = bytes.fromhex(parent.manifests[-1].keys[-1]) if parent.manifests[-1].keys else \
-                bytes.fromhex(parent.manifests[-1].parent.last_key)  # type: ignore[union-attr]
-        parent_ref = {"snapshot_id": parent.id, "num_blocks": parent.num_blocks,
-                      "last_key": start_key.hex() if start_key else ""}
+            start_key = (
+                bytes.fromhex(parent.manifests[-1].keys[-1])
+                if parent.manifests[-1].keys
+                else bytes.fromhex(parent.manifests[-1].parent.last_key)
+            )  # type: ignore[union-attr]
+        parent_ref = {
+            "snapshot_id": parent.id,
+            "num_blocks": parent.num_blocks,
+            "last_key": start_key.hex() if start_key else "",
+        }
         if start_key is None:
             parent_ref = None  # a parent without a single full block adds nothing to refer to
         else:
@@ -313,8 +339,14 @@ def fork(engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None) -> Fo
     manifest = read_kv_manifest(dest, expect_spec=spec)
     if manifest.snapshot_id != sid:
         raise EngineError(f"the engine wrote snapshot {manifest.snapshot_id}, expected {sid}")
-    logger.debug("fork: %s holds %d blocks (%d tokens of %d) at %s", sid, manifest.num_blocks,
-                 full, len(tokens), dest)
+    logger.debug(
+        "fork: %s holds %d blocks (%d tokens of %d) at %s",
+        sid,
+        manifest.num_blocks,
+        full,
+        len(tokens),
+        dest,
+    )
     if parent_ref is None:
         return _handle_from_chain([dest], [manifest])
     return _handle_from_chain([*parent_paths, dest], [*parent_manifests, manifest])

@@ -62,7 +62,11 @@ class KVSpec:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["layers"] = [
-            {"name": lyr.name, "block_shape": list(lyr.block_shape), "block_nbytes": lyr.block_nbytes}
+            {
+                "name": lyr.name,
+                "block_shape": list(lyr.block_shape),
+                "block_nbytes": lyr.block_nbytes,
+            }
             for lyr in self.layers
         ]
         return data
@@ -151,8 +155,9 @@ def chain_root(spec: KVSpec) -> bytes:
 def snapshot_id(spec: KVSpec, last_key: bytes, tail_token_ids: Sequence[int]) -> str:
     """A snapshot's id, from its content: the chain's last key, the partial tail's tokens,
     and the KV byte layout (the same tokens in another dtype are another snapshot)."""
-    digest = blake3.blake3(spec.layout_material() + b"|" + last_key
-                           + np.asarray(tail_token_ids, dtype="<i4").tobytes())
+    digest = blake3.blake3(
+        spec.layout_material() + b"|" + last_key + np.asarray(tail_token_ids, dtype="<i4").tobytes()
+    )
     return "thaw-" + digest.hexdigest()[:32]
 
 

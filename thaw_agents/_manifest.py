@@ -164,7 +164,8 @@ def read_kv_manifest(
         )
         if parent.num_blocks != first_block:
             raise SnapshotFormatError(
-                f"starts at block {first_block} but its parent holds {parent.num_blocks}", path=where
+                f"starts at block {first_block} but its parent holds {parent.num_blocks}",
+                path=where,
             )
     elif first_block != 0:
         raise SnapshotFormatError(f"starts at block {first_block} without a parent", path=where)

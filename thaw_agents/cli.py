@@ -1,8 +1,8 @@
 """``thaw-agents`` on the command line.
 
-    thaw-agents model prepare      prepare the default model (once, ~30 s)
-    thaw-agents model path         print the default model's folder (preparing it if needed)
-    thaw-agents info PATH          print a snapshot's manifest in a readable form
+thaw-agents model prepare      prepare the default model (once, ~30 s)
+thaw-agents model path         print the default model's folder (preparing it if needed)
+thaw-agents info PATH          print a snapshot's manifest in a readable form
 """
 
 from __future__ import annotations
@@ -42,18 +42,35 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("snapshot", manifest.snapshot_id),
         ("file", manifest.path),
         ("created by", manifest.created_by),
-        ("format", f"thaw v{manifest.container.header['format_version']}, {manifest.container.kind}"),
+        (
+            "format",
+            f"thaw v{manifest.container.header['format_version']}, {manifest.container.kind}",
+        ),
         ("model", f"{spec.model_name}  ({spec.model_fingerprint})"),
         ("engine", f"vLLM {spec.vllm_version}, {spec.platform}, layout {spec.kv_layout}"),
-        ("kv", f"{spec.dtype}, block size {spec.block_size}, {len(spec.layers)} layers, "
-               f"{spec.block_nbytes:,} bytes per block"),
-        ("blocks", f"{manifest.first_block}..{manifest.end_block - 1} ({manifest.num_blocks} in this file)"
-                   if manifest.num_blocks else "none"),
+        (
+            "kv",
+            f"{spec.dtype}, block size {spec.block_size}, {len(spec.layers)} layers, "
+            f"{spec.block_nbytes:,} bytes per block",
+        ),
+        (
+            "blocks",
+            f"{manifest.first_block}..{manifest.end_block - 1} ({manifest.num_blocks} in this file)"
+            if manifest.num_blocks
+            else "none",
+        ),
         ("tokens", f"{tokens} in this file ({len(manifest.tail_token_ids)} in the partial tail)"),
-        ("parent", f"{manifest.parent.snapshot_id} ({manifest.parent.num_blocks} blocks)"
-                   if manifest.parent else "none (root)"),
-        ("payload", f"{manifest.container.payload_nbytes:,} bytes, "
-                    f"{len(manifest.container.regions)} regions, {manifest.container.header['checksum_algorithm']}"),
+        (
+            "parent",
+            f"{manifest.parent.snapshot_id} ({manifest.parent.num_blocks} blocks)"
+            if manifest.parent
+            else "none (root)",
+        ),
+        (
+            "payload",
+            f"{manifest.container.payload_nbytes:,} bytes, "
+            f"{len(manifest.container.regions)} regions, {manifest.container.header['checksum_algorithm']}",
+        ),
         ("checksums", "verified" if args.verify else "not checked (--verify)"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -116,8 +116,12 @@ def prepare_default_model(*, force: bool = False, progress: bool = True) -> Path
     if is_prepared(target) and not force:
         return target
     gguf = _gguf_path()
-    for module, package in (("transformers", "transformers"), ("gguf", "gguf"),
-                            ("accelerate", "accelerate"), ("torch", "torch")):
+    for module, package in (
+        ("transformers", "transformers"),
+        ("gguf", "gguf"),
+        ("accelerate", "accelerate"),
+        ("torch", "torch"),
+    ):
         _require(module, package)
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -151,8 +155,11 @@ def _convert(gguf: Path, out: Path, *, progress: bool) -> None:
 
     steps = ["tokenizer", "dequantise weights", "write safetensors"]
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-        disable=not progress, transient=False,
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=False,
     ) as bar:
         task = bar.add_task(f"Preparing {DEFAULT_MODEL_NAME}: {steps[0]}", total=len(steps))
         import torch

@@ -24,8 +24,14 @@ def test_repeated_trunk_is_served_from_the_prefix_cache(llm, trunk_text: str) ->
     assert len(trunk) >= 1000
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     params = SamplingParams(max_tokens=4, temperature=0)
-    llm.generate([TokensPrompt(prompt_token_ids=trunk + tokenizer.encode(" Question one?"))],
-                         params, use_tqdm=False)[0]
-    second = llm.generate([TokensPrompt(prompt_token_ids=trunk + tokenizer.encode(" Another question?"))],
-                          params, use_tqdm=False)[0]
+    llm.generate(
+        [TokensPrompt(prompt_token_ids=trunk + tokenizer.encode(" Question one?"))],
+        params,
+        use_tqdm=False,
+    )[0]
+    second = llm.generate(
+        [TokensPrompt(prompt_token_ids=trunk + tokenizer.encode(" Another question?"))],
+        params,
+        use_tqdm=False,
+    )[0]
     assert second.num_cached_tokens >= len(trunk) // block_size * block_size

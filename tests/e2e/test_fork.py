@@ -47,8 +47,14 @@ def trunk(llm, trunk_text: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     suffix = llm.get_tokenizer().encode(SUFFIX, add_special_tokens=False)
     prompt = list(handle.token_ids) + suffix
     greedy, sampled = _run(llm, prompt, GREEDY), _run(llm, prompt, SAMPLED)
-    return {"handle": handle, "folder": folder, "suffix": suffix, "prompt": prompt,
-            "greedy": list(greedy.outputs[0].token_ids), "sampled": list(sampled.outputs[0].token_ids)}
+    return {
+        "handle": handle,
+        "folder": folder,
+        "suffix": suffix,
+        "prompt": prompt,
+        "greedy": list(greedy.outputs[0].token_ids),
+        "sampled": list(sampled.outputs[0].token_ids),
+    }
 
 
 def test_handle_describes_the_prefix(trunk: dict, llm) -> None:
@@ -88,18 +94,49 @@ def fresh_process(trunk: dict, nested: ForkHandle, tmp_path_factory: pytest.Temp
     folder = tmp_path_factory.mktemp("child")
     shm = Path("/dev/shm") / f"thaw-test-{os.getpid()}.thaw"
     trunk["handle"].save(shm)
-    jobs = {"max_model_len": 4096, "jobs": [
-        {"name": "file", "uri": str(trunk["folder"] / "trunk.thaw"), "suffix": trunk["suffix"],
-         "max_tokens": MAX_TOKENS},
-        {"name": "shm", "uri": str(shm), "suffix": trunk["suffix"], "max_tokens": 8, "direct": True},
-        {"name": "nested", "uri": str(trunk["folder"] / "nested" / "child.thaw"), "suffix": [],
-         "max_tokens": 8},
-    ]}
+    jobs = {
+        "max_model_len": 4096,
+        "jobs": [
+            {
+                "name": "file",
+                "uri": str(trunk["folder"] / "trunk.thaw"),
+                "suffix": trunk["suffix"],
+                "max_tokens": MAX_TOKENS,
+            },
+            {
+                "name": "shm",
+                "uri": str(shm),
+                "suffix": trunk["suffix"],
+                "max_tokens": 8,
+                "direct": True,
+            },
+            {
+                "name": "nested",
+                "uri": str(trunk["folder"] / "nested" / "child.thaw"),
+                "suffix": [],
+                "max_tokens": 8,
+            },
+        ],
+    }
     (folder / "jobs.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "THAW_AGENTS_STORE": str(folder / "store")}
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        "THAW_AGENTS_STORE": str(folder / "store"),
+    }
     try:
-        proc = subprocess.run([sys.executable, str(HELPERS / "child_hydrate.py"), str(folder / "jobs.json"),
-                               str(folder / "out.json")], env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(HELPERS / "child_hydrate.py"),
+                str(folder / "jobs.json"),
+                str(folder / "out.json"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         shm.unlink(missing_ok=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -109,7 +146,9 @@ def fresh_process(trunk: dict, nested: ForkHandle, tmp_path_factory: pytest.Temp
 def test_fresh_process_serves_the_prefix_from_the_snapshot(trunk: dict, fresh_process: dict) -> None:
     handle: ForkHandle = trunk["handle"]
     result = fresh_process["file"]
-    assert result["hydrated"] >= handle.num_snapshot_tokens - handle.block_size  # vLLM computes the last token
+    assert (
+        result["hydrated"] >= handle.num_snapshot_tokens - handle.block_size
+    )  # vLLM computes the last token
     assert result["greedy_cached"] >= handle.num_snapshot_tokens
 
 
@@ -145,8 +184,12 @@ def test_snapshot_holds_one_session_only(llm, trunk: dict) -> None:
     b = thaw_agents.fork(llm, b_text)
     a_tokens = a.manifest["snapshot"]["token_ids"]
     assert a_tokens == tok.encode(a_text)[: a.num_snapshot_tokens]
-    b_blocks = {tuple(b.token_ids[i : i + b.block_size]) for i in range(0, b.num_snapshot_tokens, b.block_size)}
-    assert not any(tuple(a_tokens[i : i + a.block_size]) in b_blocks for i in range(0, len(a_tokens), a.block_size))
+    b_blocks = {
+        tuple(b.token_ids[i : i + b.block_size]) for i in range(0, b.num_snapshot_tokens, b.block_size)
+    }
+    assert not any(
+        tuple(a_tokens[i : i + a.block_size]) in b_blocks for i in range(0, len(a_tokens), a.block_size)
+    )
     a_checksums = {r.checksum for r in read_container(a.path).regions}
     b_checksums = {r.checksum for r in read_container(b.path).regions}
     assert a_checksums.isdisjoint(b_checksums)
@@ -162,12 +205,24 @@ def test_memory_uri_round_trip(trunk: dict) -> None:
 
 
 def test_cli_info(trunk: dict) -> None:
-    out = subprocess.run([sys.executable, "-m", "thaw_agents.cli", "info", "--verify",
-                          str(trunk["folder"] / "trunk.thaw")], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "thaw_agents.cli",
+            "info",
+            "--verify",
+            str(trunk["folder"] / "trunk.thaw"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert trunk["handle"].id in out.stdout and "verified" in out.stdout
 
 
 # -- bad input: every case has its own error, and the engine keeps serving ------------------
+
 
 def _still_serves(llm, trunk: dict) -> None:
     out = _run(llm, trunk["prompt"], GREEDY)
@@ -256,8 +311,13 @@ def test_corruption_after_validation_is_recomputed_not_served(
 def test_snapshot_of_another_model(llm, trunk: dict, tmp_path: Path) -> None:
     out = tmp_path / "tiny.thaw"
     env = {**os.environ, "THAW_AGENTS_STORE": str(tmp_path / "store")}
-    proc = subprocess.run([sys.executable, str(HELPERS / "tiny_model.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(HELPERS / "tiny_model.py"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     handle = ForkHandle.load(out)
     with pytest.raises(SnapshotMismatchError) as info:

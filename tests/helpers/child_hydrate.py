@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def main() -> None:
-    jobs = json.load(open(sys.argv[1]))
-    import thaw_agents
+    jobs = json.loads(Path(sys.argv[1]).read_text())
     from vllm import SamplingParams, TokensPrompt
+
+    import thaw_agents
 
     llm = thaw_agents.make_llm(max_model_len=jobs["max_model_len"], seed=0)
     results = {}
@@ -22,7 +24,9 @@ def main() -> None:
         entry = {"id": handle.id, "files": len(handle.paths)}
         if job.get("direct"):
             # One request that loads the prefix from the snapshot itself (no separate hydrate).
-            params = thaw_agents.with_fork(SamplingParams(max_tokens=job["max_tokens"], temperature=0), handle)
+            params = thaw_agents.with_fork(
+                SamplingParams(max_tokens=job["max_tokens"], temperature=0), handle
+            )
             out = llm.generate([prompt], params, use_tqdm=False)[0]
             entry["direct_cached"] = out.num_cached_tokens
             entry["direct_tokens"] = list(out.outputs[0].token_ids)
@@ -36,7 +40,7 @@ def main() -> None:
             entry[name + "_cached"] = out.num_cached_tokens
             entry[name + "_tokens"] = list(out.outputs[0].token_ids)
         results[job["name"]] = entry
-    json.dump(results, open(sys.argv[2], "w"))
+    Path(sys.argv[2]).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from thaw_agents._container import MAGIC, PAYLOAD_ALIGN, read_container
 

@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-
 from thaw_agents.accel import BlockLayout, gather_blocks, scatter_blocks, staging_nbytes
 
 
@@ -17,15 +16,18 @@ def _cache(num_blocks: int, shape=(3, 32, 128), layers: int = 4, dtype=torch.bfl
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.uint8])
 def test_round_trip_random_ids(dtype: torch.dtype) -> None:
-    src = _cache(64, dtype=dtype) if dtype != torch.uint8 else [
-        torch.randint(0, 255, (64, 5, 7), dtype=torch.uint8) for _ in range(3)]
+    src = (
+        _cache(64, dtype=dtype)
+        if dtype != torch.uint8
+        else [torch.randint(0, 255, (64, 5, 7), dtype=torch.uint8) for _ in range(3)]
+    )
     dst = [torch.zeros_like(t) for t in src]
     ids = random.Random(1).sample(range(64), 17)
     targets = random.Random(2).sample(range(64), 17)
     staged = gather_blocks(src, ids)
     assert staged.shape == (17, staging_nbytes(src, 1))
     scatter_blocks(staged, dst, targets)
-    for s, d in zip(src, dst):
+    for s, d in zip(src, dst, strict=True):
         assert torch.equal(s[ids].view(torch.uint8), d[targets].view(torch.uint8))
     untouched = sorted(set(range(64)) - set(targets))
     assert all(int(d[untouched].view(torch.uint8).abs().sum()) == 0 for d in dst)
@@ -37,7 +39,7 @@ def test_odd_sizes_and_layouts() -> None:
     dst = [torch.zeros_like(t) for t in src]
     layout = BlockLayout(block_dim=1)
     scatter_blocks(gather_blocks(src, [9, 0, 4], layout=layout), dst, [1, 2, 3], layout=layout)
-    for s, d in zip(src, dst):
+    for s, d in zip(src, dst, strict=True):
         assert torch.equal(s[:, [9, 0, 4]], d[:, [1, 2, 3]])
 
 

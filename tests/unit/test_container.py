@@ -116,8 +116,14 @@ def test_header_schema(tmp_path: Path) -> None:
 
 
 def _header(**overrides) -> bytes:
-    base = {"format": "thaw", "format_version": 1, "kind": "test", "checksum_algorithm": "blake3",
-            "payload_nbytes": 4, "regions": [{"name": "a", "offset": 0, "nbytes": 4, "checksum": "0"}]}
+    base = {
+        "format": "thaw",
+        "format_version": 1,
+        "kind": "test",
+        "checksum_algorithm": "blake3",
+        "payload_nbytes": 4,
+        "regions": [{"name": "a", "offset": 0, "nbytes": 4, "checksum": "0"}],
+    }
     base.update(overrides)
     return json.dumps(base).encode()
 

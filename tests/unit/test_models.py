@@ -38,8 +38,14 @@ def test_killed_preparation_is_redone(tmp_path: Path) -> None:
     """Kill a real preparation midway; nothing is accepted; the next call prepares again."""
     env = {**os.environ, "THAW_AGENTS_CACHE": str(tmp_path)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from thaw_agents.models import prepare_default_model as p; p(progress=False)"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            "from thaw_agents.models import prepare_default_model as p; p(progress=False)",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     staging_seen = False
     deadline = time.monotonic() + 120

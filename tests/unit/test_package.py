@@ -15,10 +15,25 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_public_api_is_pinned() -> None:
     assert thaw_agents.__all__ == sorted(thaw_agents.__all__)
     assert set(thaw_agents.__all__) == {
-        "ConfigError", "DependencyError", "EngineError", "ForkHandle", "ModelPreparationError",
-        "SnapshotChecksumError", "SnapshotError", "SnapshotFormatError", "SnapshotMismatchError",
-        "SnapshotNotFoundError", "SnapshotTruncatedError", "SnapshotVersionError", "ThawError",
-        "__version__", "default_model", "engine_kwargs", "fork", "make_llm", "with_fork",
+        "ConfigError",
+        "DependencyError",
+        "EngineError",
+        "ForkHandle",
+        "ModelPreparationError",
+        "SnapshotChecksumError",
+        "SnapshotError",
+        "SnapshotFormatError",
+        "SnapshotMismatchError",
+        "SnapshotNotFoundError",
+        "SnapshotTruncatedError",
+        "SnapshotVersionError",
+        "ThawError",
+        "__version__",
+        "default_model",
+        "engine_kwargs",
+        "fork",
+        "make_llm",
+        "with_fork",
     }
     for name in thaw_agents.__all__:
         assert hasattr(thaw_agents, name), name
@@ -51,14 +66,19 @@ def test_accel_imports_nothing_of_ours() -> None:
 
 
 def test_integrations_use_only_the_public_api() -> None:
-    bad = {m for m in _imports(ROOT / "integrations")
-           if m.startswith("thaw_agents.") and m.split(".")[1].startswith("_") or m.startswith("..")}
+    bad = {
+        m
+        for m in _imports(ROOT / "integrations")
+        if (m.startswith("thaw_agents.") and m.split(".")[1].startswith("_")) or m.startswith("..")
+    }
     assert bad == set()
 
 
 def test_subpackages_import_from_the_install() -> None:
-    code = ("import thaw_agents.accel as a, thaw_agents.integrations as i, vllm; "
-            "print(a.__file__); print(i.__file__)")
+    code = (
+        "import thaw_agents.accel as a, thaw_agents.integrations as i, vllm; "
+        "print(a.__file__); print(i.__file__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     accel_file, integ_file = out.stdout.split()
     assert Path(accel_file).parent.name == "accel"
@@ -69,8 +89,22 @@ def test_wheel_maps_the_namespace(tmp_path: Path) -> None:
     """The built wheel holds thaw_agents/accel and thaw_agents/integrations."""
     import zipfile
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(tmp_path.glob("thaw_agents-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "thaw_agents/accel/__init__.py" in names

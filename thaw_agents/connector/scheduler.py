@@ -83,8 +83,11 @@ class ThawScheduler:
         try:
             plan = self._build_plan(list(request.prompt_token_ids or ()), params.get("files"))
         except Exception as exc:  # never let a bad file take the scheduler down
-            logger.warning("thaw: request %s: snapshot not used, prefilling instead: %s",
-                           request.request_id, exc)
+            logger.warning(
+                "thaw: request %s: snapshot not used, prefilling instead: %s",
+                request.request_id,
+                exc,
+            )
         self._plans[request.request_id] = plan
         return plan
 
@@ -107,7 +110,9 @@ class ThawScheduler:
                 raise ValueError(f"{path} does not extend {previous.snapshot_id}")
             for index in range(manifest.num_blocks):
                 offset, nbytes, checksum = manifest.block_source(index)
-                sources.append(BlockSource(path=manifest.path, offset=offset, nbytes=nbytes, checksum=checksum))
+                sources.append(
+                    BlockSource(path=manifest.path, offset=offset, nbytes=nbytes, checksum=checksum)
+                )
                 if still_matching:
                     lo = index * self.block_size
                     block_tokens = manifest.token_ids[lo : lo + self.block_size]
@@ -132,7 +137,9 @@ class ThawScheduler:
             self._manifest_cache[key] = manifest
         return manifest
 
-    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
         if num_external_tokens <= 0:
             return
         plan = self._plans.get(request.request_id)
@@ -165,14 +172,23 @@ class ThawScheduler:
             pending = self._pending_loads.pop(new_req.req_id, None)
             if pending is not None and pending.num_blocks:
                 targets = block_ids[pending.start_block : pending.start_block + pending.num_blocks]
-                meta.loads.append(LoadJob(req_id=new_req.req_id, block_ids=tuple(targets),
-                                          sources=tuple(pending.sources[: len(targets)])))
+                meta.loads.append(
+                    LoadJob(
+                        req_id=new_req.req_id,
+                        block_ids=tuple(targets),
+                        sources=tuple(pending.sources[: len(targets)]),
+                    )
+                )
             save = self._saves.get(new_req.req_id)
             if save is not None:
                 save.block_ids = block_ids
-                self._maybe_emit_save(meta, new_req.req_id, save,
-                                      new_req.num_computed_tokens,
-                                      scheduler_output.num_scheduled_tokens.get(new_req.req_id, 0))
+                self._maybe_emit_save(
+                    meta,
+                    new_req.req_id,
+                    save,
+                    new_req.num_computed_tokens,
+                    scheduler_output.num_scheduled_tokens.get(new_req.req_id, 0),
+                )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             save = self._saves.get(req_id)
@@ -184,12 +200,23 @@ class ThawScheduler:
                     save.block_ids = list(new_ids[0])
                 else:
                     save.block_ids.extend(new_ids[0])
-            self._maybe_emit_save(meta, req_id, save, cached.num_computed_tokens[i],
-                                  scheduler_output.num_scheduled_tokens.get(req_id, 0))
+            self._maybe_emit_save(
+                meta,
+                req_id,
+                save,
+                cached.num_computed_tokens[i],
+                scheduler_output.num_scheduled_tokens.get(req_id, 0),
+            )
         return meta
 
-    def _maybe_emit_save(self, meta: ThawConnectorMetadata, req_id: str, save: _PendingSave,
-                         num_computed: int, num_scheduled: int) -> None:
+    def _maybe_emit_save(
+        self,
+        meta: ThawConnectorMetadata,
+        req_id: str,
+        save: _PendingSave,
+        num_computed: int,
+        num_scheduled: int,
+    ) -> None:
         if save.done or num_computed + num_scheduled < save.num_prompt_tokens:
             return  # the prompt is still being prefilled in chunks
         save.done = True
@@ -197,13 +224,15 @@ class ThawScheduler:
         first_block = int(parent["num_blocks"]) if parent else 0
         prefix_tokens = save.token_ids[: int(save.meta.get("num_tokens", len(save.token_ids)))]
         full_blocks = len(prefix_tokens) // self.block_size
-        meta.saves.append(SaveJob(
-            req_id=req_id,
-            block_ids=tuple(save.block_ids[first_block:full_blocks]),
-            first_block=first_block,
-            token_ids=tuple(prefix_tokens),
-            meta=save.meta,
-        ))
+        meta.saves.append(
+            SaveJob(
+                req_id=req_id,
+                block_ids=tuple(save.block_ids[first_block:full_blocks]),
+                first_block=first_block,
+                token_ids=tuple(prefix_tokens),
+                meta=save.meta,
+            )
+        )
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._plans.pop(request.request_id, None)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from thaw_agents.accel import BlockLayout, gather_blocks, scatter_blocks
+from thaw_agents.accel import BlockLayout, StagingBuffer, gather_blocks, scatter_blocks
 
 from .. import __version__
 from .._container import checksum, write_container
@@ -45,7 +45,11 @@ def _kv_layout_name(vllm_config: VllmConfig, dtype: torch.dtype, block_size: int
         except Exception:  # an older/newer vLLM without this helper
             isa = "unknown"
         return f"cpu-attn/{isa}"
-    backend = getattr(vllm_config.attention_config, "backend", None) if hasattr(vllm_config, "attention_config") else None
+    backend = (
+        getattr(vllm_config.attention_config, "backend", None)
+        if hasattr(vllm_config, "attention_config")
+        else None
+    )
     return f"{current_platform.device_name}/{backend or 'auto'}"
 
 
@@ -58,6 +62,7 @@ class ThawWorker:
         self._layout = BlockLayout(block_dim=0)
         self.spec: KVSpec | None = None
         self._load_errors: set[int] = set()
+        self._staging = StagingBuffer()
 
     # -- setup -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -85,17 +90,21 @@ class ThawWorker:
             block_dim = 1  # FlashAttention-style [2, num_blocks, ...]
         self._layout = BlockLayout(block_dim=block_dim)
         layers = []
-        for name, tensor in zip(names, self._layers):
+        for name, tensor in zip(names, self._layers, strict=True):
             shape = list(tensor.shape)
             del shape[block_dim]
-            layers.append(LayerSpec(name=name, block_shape=tuple(shape),
-                                    block_nbytes=tensor.numel() // tensor.shape[block_dim] * tensor.element_size()))
+            layers.append(
+                LayerSpec(
+                    name=name,
+                    block_shape=tuple(shape),
+                    block_nbytes=tensor.numel() // tensor.shape[block_dim] * tensor.element_size(),
+                )
+            )
         head_size = cfg.model_config.get_head_size()
         dtype = first.dtype
         self.spec = KVSpec(
             model_name=cfg.model_config.served_model_name or cfg.model_config.model,
-            model_fingerprint=model_fingerprint(cfg.model_config.model,
-                                                cfg.model_config.hf_config.to_dict()),
+            model_fingerprint=model_fingerprint(cfg.model_config.model, cfg.model_config.hf_config.to_dict()),
             vllm_version=vllm_version,
             platform="cpu" if current_platform.is_cpu() else current_platform.device_name,
             kv_layout=_kv_layout_name(cfg, dtype, block_size, head_size),
@@ -103,8 +112,13 @@ class ThawWorker:
             block_size=block_size,
             layers=tuple(layers),
         )
-        logger.debug("thaw: registered %d KV layers, first %s stride %s, block_dim %d",
-                     len(names), tuple(first.shape), first.stride(), block_dim)
+        logger.debug(
+            "thaw: registered %d KV layers, first %s stride %s, block_dim %d",
+            len(names),
+            tuple(first.shape),
+            first.stride(),
+            block_dim,
+        )
 
     def describe(self) -> dict[str, Any]:
         if self.spec is None:
@@ -117,8 +131,12 @@ class ThawWorker:
             try:
                 self._load(job)
             except Exception as exc:
-                logger.error("thaw: request %s: loading %d blocks failed, they will be recomputed: %s",
-                             job.req_id, len(job.block_ids), exc)
+                logger.error(
+                    "thaw: request %s: loading %d blocks failed, they will be recomputed: %s",
+                    job.req_id,
+                    len(job.block_ids),
+                    exc,
+                )
                 self._load_errors.update(job.block_ids)
 
     def _load(self, job: LoadJob) -> None:
@@ -127,7 +145,7 @@ class ThawWorker:
         by_file: dict[str, list[int]] = defaultdict(list)
         for i, src in enumerate(job.sources):
             by_file[src.path].append(i)
-        staged = torch.empty((len(job.block_ids), self.spec.block_nbytes), dtype=torch.uint8)
+        staged = self._staging.rows(len(job.block_ids), self.spec.block_nbytes)
         buf = staged.numpy()
         for path, indices in by_file.items():
             with open(path, "rb", buffering=0) as handle:
@@ -147,11 +165,18 @@ class ThawWorker:
         elif good:
             scatter_blocks(staged[good], self._layers, [job.block_ids[i] for i in good], layout=self._layout)
         if bad:
-            logger.error("thaw: request %s: %d snapshot blocks failed their checksum; recomputing them",
-                         job.req_id, len(bad))
+            logger.error(
+                "thaw: request %s: %d snapshot blocks failed their checksum; recomputing them",
+                job.req_id,
+                len(bad),
+            )
             self._load_errors.update(bad)
-        logger.debug("thaw: request %s: loaded %d blocks in %.1f ms", job.req_id,
-                     len(good), (time.perf_counter() - start) * 1e3)
+        logger.debug(
+            "thaw: request %s: loaded %d blocks in %.1f ms",
+            job.req_id,
+            len(good),
+            (time.perf_counter() - start) * 1e3,
+        )
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -183,7 +208,12 @@ class ThawWorker:
             raise RuntimeError(f"{len(job.block_ids)} engine blocks for {len(keys)} snapshot blocks")
         tail = list(job.token_ids[full * bs :])
         last_key = keys[-1] if keys else (start_key if start_key is not None else b"")
-        staged = gather_blocks(self._layers, job.block_ids, layout=self._layout)
+        staged = gather_blocks(
+            self._layers,
+            job.block_ids,
+            layout=self._layout,
+            out=self._staging.rows(len(job.block_ids), self.spec.block_nbytes),
+        )
         rows = staged.numpy()
         meta = {
             "created_by": f"thaw-agents {__version__}",
@@ -200,18 +230,30 @@ class ThawWorker:
         }
         # Shared memory needs no fsync; a disk does.
         fsync = not dest.startswith("/dev/shm/")
-        write_container(dest, "kv", meta,
-                        [(f"block {job.first_block + i}", rows[i].data) for i in range(len(rows))],
-                        fsync=fsync)
-        logger.debug("thaw: request %s: saved %d blocks (%d bytes) in %.1f ms", job.req_id,
-                     len(rows), rows.nbytes, (time.perf_counter() - start) * 1e3)
+        write_container(
+            dest,
+            "kv",
+            meta,
+            [(f"block {job.first_block + i}", rows[i].data) for i in range(len(rows))],
+            fsync=fsync,
+        )
+        logger.debug(
+            "thaw: request %s: saved %d blocks (%d bytes) in %.1f ms",
+            job.req_id,
+            len(rows),
+            rows.nbytes,
+            (time.perf_counter() - start) * 1e3,
+        )
 
 
 def _contiguous_runs(sources: tuple, indices: list[int]) -> list[list[int]]:
     runs: list[list[int]] = []
     for i in indices:
-        if runs and sources[runs[-1][-1]].offset + sources[runs[-1][-1]].nbytes == sources[i].offset \
-                and runs[-1][-1] == i - 1:
+        if (
+            runs
+            and sources[runs[-1][-1]].offset + sources[runs[-1][-1]].nbytes == sources[i].offset
+            and runs[-1][-1] == i - 1
+        ):
             runs[-1].append(i)
         else:
             runs.append([i])
