@@ -12,6 +12,15 @@ Example:
 """
 
 from ._blocks import BlockLayout, gather_blocks, scatter_blocks, staging_nbytes
+from ._fileio import block_views, read_blocks_into
 from ._staging import StagingBuffer
 
-__all__ = ["BlockLayout", "StagingBuffer", "gather_blocks", "scatter_blocks", "staging_nbytes"]
+__all__ = [
+    "BlockLayout",
+    "StagingBuffer",
+    "block_views",
+    "gather_blocks",
+    "read_blocks_into",
+    "scatter_blocks",
+    "staging_nbytes",
+]

@@ -57,10 +57,25 @@ _PREFIX = struct.Struct("<8sQ")
 CHECKSUM_ALGORITHM = "blake3"
 
 
-def checksum(data: bytes | bytearray | memoryview) -> str:
-    """The hex checksum of a region's bytes (BLAKE3: several GB/s, multi-threaded for big buffers)."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if len(data) >= (8 << 20) else blake3.blake3()
-    hasher.update(data)
+Buffer = bytes | bytearray | memoryview
+# A region's bytes: one buffer, or several written back to back (scatter-gather, e.g. one
+# row per layer of a KV block, straight from the cache).
+RegionData = Buffer | Sequence[Buffer]
+
+
+def _parts(data: RegionData) -> list[memoryview]:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return [memoryview(data).cast("B")]
+    return [memoryview(part).cast("B") for part in data]
+
+
+def checksum(data: RegionData) -> str:
+    """The hex checksum of a region's bytes (BLAKE3, several GB/s; multi-threaded for big buffers)."""
+    parts = _parts(data)
+    big = sum(p.nbytes for p in parts) >= (8 << 20)
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if big else blake3.blake3()
+    for part in parts:
+        hasher.update(part)
     return hasher.hexdigest()
 
 
@@ -108,7 +123,7 @@ def write_container(
     path: str | os.PathLike[str],
     kind: str,
     meta: dict[str, Any],
-    regions: Sequence[tuple[str, bytes | bytearray | memoryview]],
+    regions: Sequence[tuple[str, RegionData]],
     *,
     fsync: bool = True,
 ) -> Container:
@@ -118,16 +133,17 @@ def write_container(
         path: destination file; its directory must exist.
         kind: what the payload is (``"kv"``, ``"weights"``).
         meta: the kind's own manifest fields (JSON-serialisable, no key ``regions``).
-        regions: (name, bytes) in payload order; checksummed here.
+        regions: (name, bytes or a sequence of buffers written back to back) in payload
+            order; checksummed here.
         fsync: flush to stable storage before the rename (off for shared memory).
     """
     path = os.fspath(path)
     entries: list[Region] = []
     offset = 0
     for name, data in regions:
-        view = memoryview(data).cast("B")
-        entries.append(Region(name=name, offset=offset, nbytes=view.nbytes, checksum=checksum(view)))
-        offset += view.nbytes
+        nbytes = sum(p.nbytes for p in _parts(data))
+        entries.append(Region(name=name, offset=offset, nbytes=nbytes, checksum=checksum(data)))
+        offset += nbytes
     header = {
         "format": "thaw",
         "format_version": FORMAT_VERSION,
@@ -146,7 +162,7 @@ def write_container(
             _write_all(handle, _PREFIX.pack(MAGIC, len(blob)))
             _write_all(handle, blob)
             for _, data in regions:
-                _write_all(handle, memoryview(data).cast("B"))
+                _writev_all(handle.fileno(), _parts(data))
             if fsync:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -163,6 +179,19 @@ def write_container(
         payload_offset=_PREFIX.size + len(blob),
         payload_nbytes=offset,
     )
+
+
+def _writev_all(fd: int, parts: list[memoryview]) -> None:
+    pending = [p for p in parts if p.nbytes]
+    while pending:
+        written = os.writev(fd, pending[:512])
+        if written <= 0:
+            raise OSError("short write")
+        while pending and written >= pending[0].nbytes:
+            written -= pending[0].nbytes
+            pending.pop(0)
+        if written:
+            pending[0] = pending[0][written:]
 
 
 def _write_all(handle: BinaryIO, data: bytes | memoryview) -> None:

@@ -16,10 +16,17 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
+import blake3
 import torch
 
-from thaw_agents.accel import BlockLayout, StagingBuffer, gather_blocks, scatter_blocks
+from thaw_agents.accel import (
+    BlockLayout,
+    StagingBuffer,
+    block_views,
+    gather_blocks,
+    read_blocks_into,
+    scatter_blocks,
+)
 
 from .. import __version__
 from .._container import checksum, write_container
@@ -141,29 +148,28 @@ class ThawWorker:
 
     def _load(self, job: LoadJob) -> None:
         start = time.perf_counter()
-        bad: set[int] = set()
-        by_file: dict[str, list[int]] = defaultdict(list)
-        for i, src in enumerate(job.sources):
-            by_file[src.path].append(i)
-        staged = self._staging.rows(len(job.block_ids), self.spec.block_nbytes)
-        buf = staged.numpy()
-        for path, indices in by_file.items():
-            with open(path, "rb", buffering=0) as handle:
-                for run in _contiguous_runs(job.sources, indices):
-                    first = job.sources[run[0]]
-                    view = memoryview(buf[run[0] : run[-1] + 1]).cast("B")
-                    got = os.preadv(handle.fileno(), [view], first.offset)
-                    if got != view.nbytes:
-                        bad.update(job.block_ids[i] for i in run)
-                        continue
-                    for i in run:
-                        if checksum(buf[i].data) != job.sources[i].checksum:
-                            bad.add(job.block_ids[i])
-        good = [i for i, b in enumerate(job.block_ids) if b not in bad]
-        if len(good) == len(job.block_ids):
-            scatter_blocks(staged, self._layers, job.block_ids, layout=self._layout)
-        elif good:
-            scatter_blocks(staged[good], self._layers, [job.block_ids[i] for i in good], layout=self._layout)
+        views = block_views(self._layers, job.block_ids, self._layout)
+        if views is None:  # blocks are not contiguous host rows (GPU): stage, then scatter
+            bad = self._load_staged(job)
+        else:
+            bad = set()
+            by_file: dict[str, list[int]] = defaultdict(list)
+            for i, src in enumerate(job.sources):
+                by_file[src.path].append(i)
+            for path, indices in by_file.items():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    complete, digests = read_blocks_into(
+                        fd,
+                        [job.sources[i].offset for i in indices],
+                        [views[i] for i in indices],
+                        hasher=blake3.blake3,
+                    )
+                finally:
+                    os.close(fd)
+                for i, ok, digest in zip(indices, complete, digests, strict=True):
+                    if not ok or digest != job.sources[i].checksum:
+                        bad.add(job.block_ids[i])
         if bad:
             logger.error(
                 "thaw: request %s: %d snapshot blocks failed their checksum; recomputing them",
@@ -174,9 +180,25 @@ class ThawWorker:
         logger.debug(
             "thaw: request %s: loaded %d blocks in %.1f ms",
             job.req_id,
-            len(good),
+            len(job.block_ids) - len(bad),
             (time.perf_counter() - start) * 1e3,
         )
+
+    def _load_staged(self, job: LoadJob) -> set[int]:
+        bad: set[int] = set()
+        staged = self._staging.rows(len(job.block_ids), self.spec.block_nbytes)
+        buf = staged.numpy()
+        for i, src in enumerate(job.sources):
+            with open(src.path, "rb", buffering=0) as handle:
+                got = os.preadv(handle.fileno(), [memoryview(buf[i])], src.offset)
+            if got != src.nbytes or checksum(buf[i].data) != src.checksum:
+                bad.add(job.block_ids[i])
+        good = [i for i, b in enumerate(job.block_ids) if b not in bad]
+        if good:
+            scatter_blocks(
+                staged[good].contiguous(), self._layers, [job.block_ids[i] for i in good], layout=self._layout
+            )
+        return bad
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -208,13 +230,17 @@ class ThawWorker:
             raise RuntimeError(f"{len(job.block_ids)} engine blocks for {len(keys)} snapshot blocks")
         tail = list(job.token_ids[full * bs :])
         last_key = keys[-1] if keys else (start_key if start_key is not None else b"")
-        staged = gather_blocks(
-            self._layers,
-            job.block_ids,
-            layout=self._layout,
-            out=self._staging.rows(len(job.block_ids), self.spec.block_nbytes),
-        )
-        rows = staged.numpy()
+        # On the CPU each block is written straight from the cache rows (one pwritev per
+        # block); elsewhere the blocks are gathered into the staging buffer first.
+        views = block_views(self._layers, job.block_ids, self._layout)
+        if views is None:
+            staged = gather_blocks(
+                self._layers,
+                job.block_ids,
+                layout=self._layout,
+                out=self._staging.rows(len(job.block_ids), self.spec.block_nbytes),
+            ).cpu()
+            views = [[memoryview(staged[i].numpy())] for i in range(len(job.block_ids))]
         meta = {
             "created_by": f"thaw-agents {__version__}",
             "hash_scheme": HASH_SCHEME,
@@ -230,34 +256,20 @@ class ThawWorker:
         }
         # Shared memory needs no fsync; a disk does.
         fsync = not dest.startswith("/dev/shm/")
-        write_container(
+        container = write_container(
             dest,
             "kv",
             meta,
-            [(f"block {job.first_block + i}", rows[i].data) for i in range(len(rows))],
+            [(f"block {job.first_block + i}", views[i]) for i in range(len(views))],
             fsync=fsync,
         )
         logger.debug(
             "thaw: request %s: saved %d blocks (%d bytes) in %.1f ms",
             job.req_id,
-            len(rows),
-            rows.nbytes,
+            len(views),
+            container.payload_nbytes,
             (time.perf_counter() - start) * 1e3,
         )
-
-
-def _contiguous_runs(sources: tuple, indices: list[int]) -> list[list[int]]:
-    runs: list[list[int]] = []
-    for i in indices:
-        if (
-            runs
-            and sources[runs[-1][-1]].offset + sources[runs[-1][-1]].nbytes == sources[i].offset
-            and runs[-1][-1] == i - 1
-        ):
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
 
 
 def _write_error(dest: str, message: str) -> None:
@@ -269,6 +281,3 @@ def _write_error(dest: str, message: str) -> None:
             json.dump({"error": message}, handle)
     except OSError:
         pass
-
-
-_ = np  # numpy views back the staging buffers
