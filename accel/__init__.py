@@ -1,7 +1,15 @@
 """thaw_agents.accel: the freeze/restore data path (block gather/scatter, staging, file I/O).
 
 One interface over CPU (NumPy/PyTorch) and CUDA (CuPy) tensors. Imports nothing else of
-thaw-agents.
+thaw-agents, and nothing heavy at import time (torch and CuPy load on first use).
+
+* :func:`gather_blocks` / :func:`scatter_blocks`: paged-KV blocks of every layer to and from
+  one contiguous staging tensor; on CUDA one raw-kernel launch on PyTorch's current stream.
+* :class:`StagingBuffer`, :func:`aligned_empty`, :class:`HostRegistration`: reusable,
+  page-aligned, page-locked host memory; ``cudaHostRegister`` for shared-memory hand-off.
+* :class:`AtomicFile`, :func:`write_segments`, :func:`read_into`, :func:`probe_o_direct`:
+  pipelined O_DIRECT file I/O with buffered fallback and atomic rename.
+* :func:`copy_segments`: many copies in one launch (CUDA) or a loop of memcpys (CPU).
 
 Example:
     >>> import torch
@@ -12,15 +20,28 @@ Example:
 """
 
 from ._blocks import BlockLayout, gather_blocks, scatter_blocks, staging_nbytes
+from ._copy import copy_segments
+from ._cuda import CupyMissingError
+from ._direct import O_DIRECT, AtomicFile, probe_o_direct, read_into, write_segments
 from ._fileio import block_views, read_blocks_into
-from ._staging import StagingBuffer
+from ._staging import HostRegistration, StagingBuffer, aligned_empty, cuda_available
 
 __all__ = [
+    "O_DIRECT",
+    "AtomicFile",
     "BlockLayout",
+    "CupyMissingError",
+    "HostRegistration",
     "StagingBuffer",
+    "aligned_empty",
     "block_views",
+    "copy_segments",
+    "cuda_available",
     "gather_blocks",
+    "probe_o_direct",
     "read_blocks_into",
+    "read_into",
     "scatter_blocks",
     "staging_nbytes",
+    "write_segments",
 ]

@@ -3,6 +3,9 @@
 thaw-agents model prepare      prepare the default model (once, ~30 s)
 thaw-agents model path         print the default model's folder (preparing it if needed)
 thaw-agents info PATH          print a snapshot's manifest in a readable form
+thaw-agents freeze MODEL --output FILE
+                               write MODEL's weights to a .thaw file (restore with
+                               LLM(MODEL, load_format="thaw", model_loader_extra_config={"snapshot": FILE}))
 """
 
 from __future__ import annotations
@@ -79,6 +82,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_freeze(args: argparse.Namespace) -> int:
+    import time
+
+    from .weights import read_weights_manifest
+    from .weights_vllm import freeze_model
+
+    start = time.perf_counter()
+    model = None if args.model == "default" else args.model
+    kwargs = {"dtype": args.dtype} if args.dtype else {}
+    if args.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
+    path = freeze_model(model, args.output, **kwargs)
+    manifest = read_weights_manifest(path.replace("{rank}", "0"))
+    print(
+        f"froze {len(manifest.tensors)} tensors, {manifest.nbytes:,} bytes of {manifest.model_name} "
+        f"to {path} in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thaw-agents", description="Fork a live LLM session.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="the raw header as JSON")
     info.add_argument("--verify", action="store_true", help="also check every checksum")
     info.set_defaults(func=_cmd_info)
+    freeze = sub.add_parser("freeze", help="write a model's weights to a .thaw file")
+    freeze.add_argument("model", help="a Hugging Face folder or id, or 'default' for the default model")
+    freeze.add_argument("--output", "-o", required=True, help="the .thaw file to write ({rank} per TP rank)")
+    freeze.add_argument("--dtype", default=None, help="vLLM dtype (default: the model's)")
+    freeze.add_argument("--tensor-parallel-size", type=int, default=1)
+    freeze.set_defaults(func=_cmd_freeze)
     return parser
 
 

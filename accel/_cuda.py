@@ -1,0 +1,378 @@
+"""The CUDA data path: one CuPy raw-kernel launch per gather, scatter or multi-tensor copy.
+
+Tensors stay PyTorch's: the kernels receive raw device pointers (``data_ptr()``, the same
+addresses ``__cuda_array_interface__`` exports), so nothing is copied or re-wrapped, and
+every launch runs on PyTorch's current stream (``cupy.cuda.ExternalStream``), ordered with
+the caller's own work.
+
+Host endpoints (a pinned staging buffer) take one of two routes:
+
+* ``staged`` (default): the kernel gathers into a device scratch chunk and a second stream
+  copies that chunk to the pinned buffer with ``cudaMemcpyAsync`` while the kernel gathers
+  the next one (two scratch chunks, two streams). Scatter runs the same pipeline backwards.
+* ``direct``: the kernel reads or writes the pinned, mapped host buffer itself over PCIe.
+
+Pageable host memory cannot be reached by the GPU asynchronously; it goes through a device
+scratch buffer and a synchronous ``copy_``.
+
+CuPy is imported on first use; without it :class:`CupyMissingError` names the install command.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from ._kernels import CupyMissingError, kernel, require_cupy
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._blocks import BlockLayout
+
+__all__ = [
+    "CupyMissingError",
+    "copy_segments_cuda",
+    "cuda_host_path",
+    "gather_cuda",
+    "is_pinned",
+    "require_cupy",
+    "scatter_cuda",
+]
+
+HostRoute = Literal["staged", "direct"]
+
+# Chunk of the staged host route: large enough that each cudaMemcpyAsync runs at full PCIe
+# bandwidth, small enough that the first copy starts after a short gather.
+_CHUNK_NBYTES = 16 << 20
+_THREADS = 256
+# Work items of one CTA in copy_segments: big tensors are split so every SM gets work.
+_TASK_NBYTES = 256 << 10
+
+
+def _grid(device: int, tasks: int) -> int:
+    import torch
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tasks, sms * 8))
+
+
+def is_pinned(tensor: torch.Tensor) -> bool:
+    """Whether a CPU tensor's memory is page-locked (cudaHostAlloc or cudaHostRegister)."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    cp = require_cupy()
+    try:
+        attrs = cp.cuda.runtime.pointerGetAttributes(tensor.data_ptr())
+    except cp.cuda.runtime.CUDARuntimeError:
+        return False
+    return int(attrs.type) == 1  # cudaMemoryTypeHost
+
+
+def _segments(layers: Sequence[torch.Tensor], layout: BlockLayout) -> np.ndarray:
+    """The per-segment table of :data:`thaw_blocks`: one row per contiguous run of a layer block."""
+    rows: list[tuple[int, int, int, int]] = []
+    col = 0
+    for layer in layers:
+        bd = layout.block_dim
+        inner = layer.shape[bd + 1 :]
+        seg_numel = int(np.prod(inner, dtype=np.int64)) if inner else 1
+        expected = 1
+        for size, stride in zip(reversed(inner), reversed(layer.stride()[bd + 1 :]), strict=True):
+            if size != 1 and stride != expected:
+                raise ValueError(
+                    f"the dimensions after block_dim of a {tuple(layer.shape)} layer with strides "
+                    f"{layer.stride()} are not contiguous; make the layer contiguous first"
+                )
+            expected *= size
+        es = layer.element_size()
+        seg_nbytes = seg_numel * es
+        block_stride = layer.stride(bd) * es
+        outer_shape = layer.shape[:bd]
+        outer_strides = layer.stride()[:bd]
+        for outer in np.ndindex(*outer_shape) if outer_shape else [()]:
+            offset = sum(i * s for i, s in zip(outer, outer_strides, strict=True)) * es
+            rows.append((layer.data_ptr() + offset, block_stride, col, seg_nbytes))
+            col += seg_nbytes
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+
+
+class _DeviceState:
+    """Per-device cached tables, scratch chunks and the side stream of the staged route."""
+
+    def __init__(self, device: int) -> None:
+        import torch
+
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device=device)
+        self.scratch: list[torch.Tensor] = []
+        self.seg_key: tuple[Any, ...] | None = None
+        self.seg_table: Any = None
+        self.num_segs = 0
+        self.lock = threading.Lock()
+
+    def segments(self, layers: Sequence[torch.Tensor], layout: BlockLayout) -> tuple[Any, int]:
+        key = (layout.block_dim, *((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in layers))
+        if key != self.seg_key:
+            import torch
+
+            table = _segments(layers, layout)
+            self.seg_table = torch.from_numpy(table).to(f"cuda:{self.device}")
+            self.num_segs = len(table)
+            self.seg_key = key
+        return self.seg_table, self.num_segs
+
+    def scratch_chunks(self, nbytes: int) -> list[torch.Tensor]:
+        import torch
+
+        if not self.scratch or self.scratch[0].numel() < nbytes:
+            self.scratch = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        return self.scratch
+
+
+_devices: dict[int, _DeviceState] = {}
+_state_lock = threading.Lock()
+
+
+def _state(device: int) -> _DeviceState:
+    with _state_lock:
+        state = _devices.get(device)
+        if state is None:
+            state = _devices[device] = _DeviceState(device)
+    return state
+
+
+def _launch_blocks(
+    state: _DeviceState,
+    layers: Sequence[torch.Tensor],
+    layout: BlockLayout,
+    ids_dev: torch.Tensor,
+    staged_ptr: int,
+    row_nbytes: int,
+    to_staged: bool,
+) -> None:
+    import torch
+
+    cp = require_cupy()
+    table, num_segs = state.segments(layers, layout)
+    num_ids = ids_dev.numel()
+    launch = kernel("thaw_blocks", state.device)
+    stream = torch.cuda.current_stream(state.device)
+    with cp.cuda.Device(state.device), cp.cuda.ExternalStream(stream.cuda_stream, state.device):
+        launch(
+            (_grid(state.device, num_ids * num_segs),),
+            (_THREADS,),
+            (
+                np.uint64(table.data_ptr()),
+                np.int32(num_segs),
+                np.uint64(ids_dev.data_ptr()),
+                np.int32(num_ids),
+                np.uint64(staged_ptr),
+                np.int64(row_nbytes),
+                np.int32(1 if to_staged else 0),
+            ),
+        )
+
+
+def _ids_on(device: int, ids: Sequence[int]) -> torch.Tensor:
+    import torch
+
+    host = torch.tensor(list(ids), dtype=torch.int64).pin_memory()
+    return host.to(f"cuda:{device}", non_blocking=True)
+
+
+def cuda_host_path(out: torch.Tensor) -> str:
+    """How a host staging tensor will be reached: ``pinned`` or ``pageable``."""
+    return "pinned" if is_pinned(out) else "pageable"
+
+
+def gather_cuda(
+    layers: Sequence[torch.Tensor],
+    ids: Sequence[int],
+    out: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    non_blocking: bool = False,
+    route: HostRoute = "staged",
+) -> None:
+    """Gather ``ids`` of CUDA ``layers`` into ``out`` (device, or host: pinned or pageable).
+
+    Runs on PyTorch's current stream. With a host ``out`` and ``non_blocking=False`` it
+    returns once the bytes are there; with ``non_blocking=True`` synchronize the current
+    stream before reading ``out``.
+    """
+    import torch
+
+    device = layers[0].device.index or 0
+    state = _state(device)
+    row = out.shape[1]
+    ids_dev = _ids_on(device, ids)
+    with state.lock:
+        if out.is_cuda:
+            _launch_blocks(state, layers, layout, ids_dev, out.data_ptr(), row, True)
+            return
+        pinned = is_pinned(out)
+        if pinned and route == "direct":
+            _launch_blocks(state, layers, layout, ids_dev, out.data_ptr(), row, True)
+        elif pinned:
+            _staged_to_host(state, layers, layout, ids_dev, out, row)
+        else:
+            scratch = torch.empty_like(out, device=f"cuda:{device}")
+            _launch_blocks(state, layers, layout, ids_dev, scratch.data_ptr(), row, True)
+            out.copy_(scratch)
+        if not non_blocking:
+            torch.cuda.current_stream(device).synchronize()
+
+
+def _chunk_rows(row_nbytes: int) -> int:
+    return max(1, _CHUNK_NBYTES // max(1, row_nbytes))
+
+
+def _staged_to_host(
+    state: _DeviceState,
+    layers: Sequence[torch.Tensor],
+    layout: BlockLayout,
+    ids_dev: torch.Tensor,
+    out: torch.Tensor,
+    row: int,
+) -> None:
+    import torch
+
+    n = ids_dev.numel()
+    rows = _chunk_rows(row)
+    scratch = state.scratch_chunks(rows * row)
+    main = torch.cuda.current_stream(state.device)
+    side = state.copy_stream
+    freed: list[torch.cuda.Event | None] = [None, None]
+    for k, start in enumerate(range(0, n, rows)):
+        count = min(rows, n - start)
+        slot = scratch[k % 2]
+        if freed[k % 2] is not None:
+            main.wait_event(freed[k % 2])  # the side stream is done reading this slot
+        _launch_blocks(state, layers, layout, ids_dev[start : start + count], slot.data_ptr(), row, True)
+        ready = torch.cuda.Event()
+        ready.record(main)
+        side.wait_event(ready)
+        with torch.cuda.stream(side):
+            out[start : start + count].view(-1).copy_(slot[: count * row], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(side)
+        freed[k % 2] = done
+    for event in freed:
+        if event is not None:
+            main.wait_event(event)
+
+
+def scatter_cuda(
+    staged: torch.Tensor,
+    layers: Sequence[torch.Tensor],
+    ids: Sequence[int],
+    layout: BlockLayout,
+    *,
+    non_blocking: bool = False,
+    route: HostRoute = "staged",
+) -> None:
+    """Scatter rows of ``staged`` (device or host) into ``ids`` of CUDA ``layers``.
+
+    Runs on PyTorch's current stream; with a host ``staged`` and ``non_blocking=False`` it
+    returns once ``staged`` may be reused.
+    """
+    import torch
+
+    device = layers[0].device.index or 0
+    state = _state(device)
+    row = staged.shape[1]
+    ids_dev = _ids_on(device, ids)
+    with state.lock:
+        if staged.is_cuda:
+            src = staged if staged.is_contiguous() else staged.contiguous()
+            _launch_blocks(state, layers, layout, ids_dev, src.data_ptr(), row, False)
+            if src is not staged:
+                src.record_stream(torch.cuda.current_stream(device))
+            return
+        src = staged if staged.is_contiguous() else staged.contiguous()
+        pinned = is_pinned(src)
+        if pinned and route == "direct":
+            _launch_blocks(state, layers, layout, ids_dev, src.data_ptr(), row, False)
+        elif pinned:
+            _staged_from_host(state, layers, layout, ids_dev, src, row)
+        else:
+            dev = src.to(f"cuda:{device}")
+            _launch_blocks(state, layers, layout, ids_dev, dev.data_ptr(), row, False)
+            dev.record_stream(torch.cuda.current_stream(device))
+        if not non_blocking:
+            torch.cuda.current_stream(device).synchronize()
+
+
+def _staged_from_host(
+    state: _DeviceState,
+    layers: Sequence[torch.Tensor],
+    layout: BlockLayout,
+    ids_dev: torch.Tensor,
+    staged: torch.Tensor,
+    row: int,
+) -> None:
+    import torch
+
+    n = ids_dev.numel()
+    rows = _chunk_rows(row)
+    scratch = state.scratch_chunks(rows * row)
+    main = torch.cuda.current_stream(state.device)
+    side = state.copy_stream
+    side.wait_stream(main)  # the scratch slots may still be read by earlier work on main
+    consumed: list[torch.cuda.Event | None] = [None, None]
+    for k, start in enumerate(range(0, n, rows)):
+        count = min(rows, n - start)
+        slot = scratch[k % 2]
+        if consumed[k % 2] is not None:
+            side.wait_event(consumed[k % 2])  # the kernel is done with this slot
+        with torch.cuda.stream(side):
+            slot[: count * row].copy_(staged[start : start + count].view(-1), non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record(side)
+        main.wait_event(arrived)
+        _launch_blocks(state, layers, layout, ids_dev[start : start + count], slot.data_ptr(), row, False)
+        used = torch.cuda.Event()
+        used.record(main)
+        consumed[k % 2] = used
+
+
+def copy_segments_cuda(copies: Sequence[tuple[int, int, int]], device: int) -> None:
+    """Run many ``(src_ptr, dst_ptr, nbytes)`` copies in one kernel launch on the current stream.
+
+    Pointers are device pointers, or pinned host pointers (read or written over PCIe). Big
+    copies are split into 256 KiB tasks so every SM has work.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.arange(8, device="cuda"), torch.empty(8, dtype=torch.int64, device="cuda")
+        >>> copy_segments_cuda([(a.data_ptr(), b.data_ptr(), 64)], 0)  # doctest: +SKIP
+    """
+    import torch
+
+    if not copies:
+        return
+    src, dst, size = (np.asarray(c, dtype=np.int64) for c in zip(*copies, strict=True))
+    pieces = np.maximum(1, -(-size // _TASK_NBYTES))
+    owner = np.repeat(np.arange(len(size)), pieces)
+    first = np.cumsum(pieces) - pieces
+    k = np.arange(len(owner)) - np.repeat(first, pieces)
+    start = k * _TASK_NBYTES
+    nbytes = np.minimum(size[owner] - start, _TASK_NBYTES)
+    table = np.stack([src[owner] + start, dst[owner] + start, nbytes], axis=1).astype(np.int64)
+    cp = require_cupy()
+    table_dev = (
+        torch.from_numpy(np.ascontiguousarray(table)).pin_memory().to(f"cuda:{device}", non_blocking=True)
+    )
+    launch = kernel("thaw_copy_table", device)
+    stream = torch.cuda.current_stream(device)
+    with cp.cuda.Device(device), cp.cuda.ExternalStream(stream.cuda_stream, device):
+        launch(
+            (_grid(device, len(table)),),
+            (_THREADS,),
+            (np.uint64(table_dev.data_ptr()), np.int64(len(table))),
+        )
+    table_dev.record_stream(stream)

@@ -1,0 +1,367 @@
+"""The restore pipeline of weights files: read, verify, then write the targets, overlapped.
+
+All or nothing: no target byte is written until every region's checksum has passed. On a
+GPU the bytes still move while they are being checked: each chunk goes host-to-device into
+a *landing* buffer as soon as it is read, on a side stream, while a thread pool hashes the
+regions already complete; once all pass, one kernel launch copies the landing buffer into
+every parameter (device bandwidth, milliseconds). Without room for a landing buffer the
+bytes wait, verified, in pinned host memory and are copied afterwards.
+
+Sources of the bytes:
+
+* ``direct``: O_DIRECT reads into a reused, pinned, page-aligned buffer (cold files).
+* ``buffered``: the same through the page cache (warm files).
+* ``mmap``: the file mapped in place; on CUDA page-locked with ``cudaHostRegister`` so the
+  GPU copies straight out of it (the ``/dev/shm`` same-host hand-off).
+* :class:`HostWeights`: a verified copy kept in pinned memory (restore = host-to-device only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import blake3
+
+from ._errors import SnapshotChecksumError, SnapshotTruncatedError
+from .weights import TensorEntry, WeightsManifest, WeightsStats, check_targets, read_weights_manifest
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["HostWeights", "release_staging", "restore_from_file"]
+
+_CHUNK_NBYTES = 32 << 20
+_LANDING_MARGIN_NBYTES = 1 << 30
+_BIG_REGION_NBYTES = 32 << 20
+_staging_lock = threading.Lock()
+_staging: Any = None
+
+Pairs = Sequence[tuple[TensorEntry, "torch.Tensor"]]
+
+
+def _pinned_staging(nbytes: int, pinned: bool) -> torch.Tensor:
+    """A reused page-aligned host buffer of at least ``nbytes`` (pinned when ``pinned``)."""
+    global _staging
+    from .accel import StagingBuffer
+
+    with _staging_lock:
+        if _staging is None or _staging.pinned != pinned:
+            _staging = StagingBuffer(pin_memory=pinned)
+        return _staging.flat(nbytes)
+
+
+def release_staging() -> None:
+    """Free the pinned read buffer that restores keep for the next restore."""
+    global _staging
+    with _staging_lock:
+        _staging = None
+
+
+def _round_up(n: int) -> int:
+    return -(-n // 4096) * 4096
+
+
+def _hash(view: Any) -> str:
+    threads = blake3.blake3.AUTO if view.nbytes >= _BIG_REGION_NBYTES else 1
+    hasher = blake3.blake3(max_threads=threads)
+    hasher.update(view)
+    return hasher.hexdigest()
+
+
+def _map(path: str, offset: int, nbytes: int, *, shared: bool) -> tuple[torch.Tensor, mmap.mmap]:
+    """Map the payload. ``shared``: the file's own pages (what cudaHostRegister must lock for a
+    zero-copy /dev/shm hand-off); otherwise a private, never-written mapping of a read-only fd."""
+    import torch
+
+    try:
+        fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
+    except PermissionError:
+        fd, shared = os.open(path, os.O_RDONLY), False
+    try:
+        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+        region = mmap.mmap(fd, nbytes, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(region, dtype=torch.uint8), region
+
+
+def _on_tmpfs(path: str) -> bool:
+    try:
+        with open("/proc/self/mounts") as mounts:
+            best, fstype = "", ""
+            real = os.path.realpath(path)
+            for line in mounts:
+                parts = line.split()
+                if (
+                    len(parts) > 2
+                    and real.startswith(parts[1].rstrip("/") + "/")
+                    and len(parts[1]) > len(best)
+                ):
+                    best, fstype = parts[1], parts[2]
+            return fstype == "tmpfs"
+    except OSError:
+        return False
+
+
+class _Verifier:
+    """Hashes regions on a thread pool as soon as the chunks covering them have arrived."""
+
+    def __init__(
+        self, pairs: Pairs, host: torch.Tensor, nbytes: int, chunk_nbytes: int, enabled: bool
+    ) -> None:
+        self._host = host.numpy()
+        self._pairs = sorted(pairs, key=lambda p: p[0].offset)
+        self._chunk = chunk_nbytes
+        self._arrived = [False] * max(1, -(-nbytes // chunk_nbytes))
+        self._mark = 0
+        self._next = 0
+        self._enabled = enabled
+        self._pool = ThreadPoolExecutor(max(1, min(32, os.cpu_count() or 1))) if enabled else None
+        self._futures: list[tuple[int, TensorEntry, Future[str]]] = []
+
+    def arrived(self, start: int) -> None:
+        self._arrived[start // self._chunk] = True
+        while self._mark < len(self._arrived) and self._arrived[self._mark]:
+            self._mark += 1
+        ready = self._mark * self._chunk
+        while (
+            self._next < len(self._pairs)
+            and self._pairs[self._next][0].offset + self._pairs[self._next][0].nbytes <= ready
+        ):
+            entry = self._pairs[self._next][0]
+            if self._pool is not None:
+                view = self._host[entry.offset : entry.offset + entry.nbytes]
+                self._futures.append((self._next, entry, self._pool.submit(_hash, view)))
+            self._next += 1
+
+    def check(self, path: str) -> None:
+        try:
+            for _, entry, future in self._futures:
+                if future.result() != entry.checksum:
+                    index = next(i for i, (e, _) in enumerate(self._pairs) if e is entry)
+                    raise SnapshotChecksumError(
+                        f"tensor {entry.name} does not match its checksum: the file is corrupt, and "
+                        "no parameter was changed. Freeze the model again or fetch the file again.",
+                        path=path,
+                        region=index,
+                    )
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run(
+    manifest: WeightsManifest,
+    pairs: Pairs,
+    host: torch.Tensor,
+    feed: Callable[[Callable[[int, int], None]], None],
+    *,
+    verify: bool,
+    route: str,
+    landing_ok: bool = True,
+) -> WeightsStats:
+    """Move the payload from ``host`` (filled by ``feed``) into the targets, all or nothing."""
+    import torch
+
+    from .accel import copy_segments
+
+    start_t = time.perf_counter()
+    nbytes = manifest.nbytes
+    cuda = [t for _, t in pairs if t.is_cuda]
+    device = cuda[0].device if cuda else None
+    landing = None
+    if device is not None and landing_ok:
+        free, _ = torch.cuda.mem_get_info(device)
+        if free > nbytes + _LANDING_MARGIN_NBYTES:
+            landing = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    side = torch.cuda.Stream(device=device) if device is not None else None
+    verifier = _Verifier(pairs, host, nbytes, _CHUNK_NBYTES, verify)
+    arrivals: queue.Queue[tuple[int, int] | BaseException | None] = queue.Queue()
+
+    def feeder() -> None:
+        try:
+            feed(lambda a, b: arrivals.put((a, b)))
+            arrivals.put(None)
+        except BaseException as exc:
+            arrivals.put(exc)
+
+    thread = threading.Thread(target=feeder, name="thaw-weights-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = arrivals.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                if isinstance(item, EOFError):
+                    raise SnapshotTruncatedError(f"{item}; no parameter was changed", path=manifest.path)
+                raise item
+            a, b = item
+            if landing is not None:
+                with torch.cuda.stream(side):
+                    landing[a:b].copy_(host[a:b], non_blocking=True)
+            verifier.arrived(a)
+    finally:
+        thread.join()
+        if verify:
+            verifier.check(manifest.path)
+    # Every byte is verified: now, and only now, the targets are written.
+    main = torch.cuda.current_stream(device) if device is not None else None
+    if landing is not None:
+        main.wait_stream(side)
+        copy_segments([(landing[e.offset : e.offset + e.nbytes], t) for e, t in pairs])
+        landing.record_stream(main)
+    else:
+        if side is not None:
+            side.wait_stream(main)
+        for entry, target in pairs:
+            src = host[entry.offset : entry.offset + entry.nbytes]
+            dst = target.reshape(-1).view(torch.uint8)
+            if target.is_cuda:
+                with torch.cuda.stream(side):
+                    dst.copy_(src, non_blocking=True)
+            else:
+                dst.copy_(src)
+        if side is not None:
+            main.wait_stream(side)
+    if main is not None:
+        main.synchronize()
+    route += "+landing" if landing is not None else ""
+    return WeightsStats(
+        nbytes=nbytes, num_tensors=len(pairs), seconds=time.perf_counter() - start_t, route=route
+    )
+
+
+def _chunks(nbytes: int) -> Callable[[Callable[[int, int], None]], None]:
+    def feed(arrived: Callable[[int, int], None]) -> None:
+        for a in range(0, nbytes, _CHUNK_NBYTES):
+            arrived(a, min(nbytes, a + _CHUNK_NBYTES))
+
+    return feed
+
+
+def restore_from_file(manifest: WeightsManifest, pairs: Pairs, *, source: str = "auto") -> WeightsStats:
+    """Restore validated ``pairs`` from ``manifest``'s file (see the module docstring)."""
+    from .accel import HostRegistration, probe_o_direct, read_into
+
+    if source not in {"auto", "direct", "buffered", "mmap"}:
+        raise ValueError(f"source must be auto, direct, buffered or mmap, got {source!r}")
+    path = manifest.path
+    nbytes = manifest.nbytes
+    offset = manifest.container.payload_offset
+    cuda = any(t.is_cuda for _, t in pairs)
+    if nbytes == 0:
+        return WeightsStats(nbytes=0, num_tensors=len(pairs), seconds=0.0, route="empty")
+    if source == "auto":
+        if not cuda or _on_tmpfs(path):
+            source = "mmap"
+        else:
+            source = "direct" if probe_o_direct(os.path.dirname(os.path.abspath(path))) else "buffered"
+    if source == "mmap":
+        host, region = _map(path, offset, nbytes, shared=cuda)
+        registration = None
+        route = "mmap"
+        if cuda:
+            try:
+                registration = HostRegistration(host)
+                route = "mmap+registered"
+            except Exception:  # file-backed pages of some filesystems cannot be page-locked
+                registration = None
+        if not cuda or registration is not None:
+            try:
+                return _run(manifest, pairs, host, _chunks(nbytes), verify=True, route=route)
+            finally:
+                if registration is not None:
+                    registration.close()
+                del host
+                _close(region)
+        del host
+        _close(region)
+        source = "buffered"
+    host = _pinned_staging(_round_up(nbytes), pinned=cuda)
+
+    def feed(arrived: Callable[[int, int], None]) -> None:
+        read_into(
+            path,
+            offset,
+            nbytes,
+            host,
+            direct=source == "direct",
+            chunk_nbytes=_CHUNK_NBYTES,
+            num_readers=8,
+            on_chunk=arrived,
+        )
+
+    return _run(
+        manifest, pairs, host, feed, verify=True, route="o_direct" if source == "direct" else "buffered"
+    )
+
+
+def _close(region: mmap.mmap) -> None:
+    # BufferError: a view is still alive somewhere; the mapping goes away with it.
+    with contextlib.suppress(BufferError):
+        region.close()
+
+
+class HostWeights:
+    """A verified copy of a weights file in pinned host memory, for repeated fast restores.
+
+    Loading reads and verifies the file once; :meth:`restore` then only copies host to
+    device (PCIe bandwidth) into a model's tensors.
+
+    Example:
+        >>> import torch
+        >>> from thaw_agents.weights import freeze_tensors
+        >>> _ = freeze_tensors("/tmp/h.thaw", {"w": torch.ones(3)}, model_name="m", model_fingerprint="f")
+        >>> cached = HostWeights.load("/tmp/h.thaw")
+        >>> target = torch.zeros(3)
+        >>> _ = cached.restore({"w": target})
+        >>> target.tolist()
+        [1.0, 1.0, 1.0]
+    """
+
+    def __init__(self, manifest: WeightsManifest, host: torch.Tensor) -> None:
+        self.manifest = manifest
+        self.host = host
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, pin_memory: bool | None = None) -> HostWeights:
+        """Read and verify ``path`` into page-locked host memory (pinned when CUDA is present)."""
+        from .accel import aligned_empty, cuda_available, read_into
+
+        manifest = read_weights_manifest(path)
+        pin = cuda_available() if pin_memory is None else pin_memory
+        nbytes = manifest.nbytes
+        host = aligned_empty(_round_up(max(nbytes, 1)), pin_memory=pin)
+        try:
+            read_into(manifest.path, manifest.container.payload_offset, nbytes, host, num_readers=8)
+        except EOFError as exc:
+            raise SnapshotTruncatedError(str(exc), path=manifest.path) from exc
+        verifier = _Verifier([(e, host) for e in manifest.tensors], host, nbytes, _CHUNK_NBYTES, True)
+        _chunks(nbytes)(lambda a, b: verifier.arrived(a))
+        verifier.check(manifest.path)
+        return cls(manifest, host)
+
+    def restore(
+        self, targets: Any, *, expect_fingerprint: str | None = None, landing: bool = False
+    ) -> WeightsStats:
+        """Copy the verified bytes into ``targets`` (name -> tensor, or (name, tensor) pairs)."""
+        items = targets.items() if hasattr(targets, "items") else targets
+        pairs = check_targets(self.manifest, items, expect_fingerprint=expect_fingerprint)
+        return _run(
+            self.manifest,
+            pairs,
+            self.host,
+            _chunks(self.manifest.nbytes),
+            verify=False,
+            route="host",
+            landing_ok=landing,
+        )
