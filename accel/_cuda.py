@@ -45,9 +45,13 @@ __all__ = [
 
 HostRoute = Literal["staged", "direct"]
 
-# Chunk of the staged host route: large enough that each cudaMemcpyAsync runs at full PCIe
-# bandwidth, small enough that the first copy starts after a short gather.
-_CHUNK_NBYTES = 16 << 20
+# Staged host route. Transfers up to _WHOLE_NBYTES get a device scratch of their own size and
+# chunks that double from _FIRST_NBYTES: the first PCIe copy starts after a short gather and
+# every later gather finishes before the copy ahead of it (measured on an H100: 85% of the
+# pinned bandwidth with fixed 16 MiB chunks). Larger transfers rotate two _CHUNK_NBYTES slots.
+_FIRST_NBYTES = 4 << 20
+_CHUNK_NBYTES = 64 << 20
+_WHOLE_NBYTES = 512 << 20
 _THREADS = 256
 # Work items of one CTA in copy_segments: big tensors are split so every SM gets work.
 _TASK_NBYTES = 256 << 10
@@ -125,12 +129,37 @@ class _DeviceState:
             self.seg_key = key
         return self.seg_table, self.num_segs
 
-    def scratch_chunks(self, nbytes: int) -> list[torch.Tensor]:
+    def scratch_of(self, nbytes: int) -> torch.Tensor:
+        """A device scratch buffer of at least ``nbytes`` (grow-only, reused)."""
         import torch
 
         if not self.scratch or self.scratch[0].numel() < nbytes:
-            self.scratch = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
-        return self.scratch
+            self.scratch = []  # free the old one first
+            self.scratch = [torch.empty(nbytes, dtype=torch.uint8, device=self.device)]
+        return self.scratch[0]
+
+    def chunks(self, n: int, row: int) -> list[tuple[int, int, torch.Tensor, int]]:
+        """(first row, rows, scratch slice, slot) per chunk; slot -1: the slice is never reused."""
+        if n * row <= _WHOLE_NBYTES:
+            scratch = self.scratch_of(n * row)
+            out, start, size = [], 0, max(1, _FIRST_NBYTES // row)
+            while start < n:
+                count = min(size, n - start)
+                out.append((start, count, scratch[start * row : (start + count) * row], -1))
+                start += count
+                size = min(2 * size, max(1, _CHUNK_NBYTES // row))
+            return out
+        rows = max(1, _CHUNK_NBYTES // row)
+        scratch = self.scratch_of(2 * rows * row)
+        return [
+            (
+                start,
+                min(rows, n - start),
+                scratch[(k % 2) * rows * row :][: min(rows, n - start) * row],
+                k % 2,
+            )
+            for k, start in enumerate(range(0, n, rows))
+        ]
 
 
 _devices: dict[int, _DeviceState] = {}
@@ -227,10 +256,6 @@ def gather_cuda(
             torch.cuda.current_stream(device).synchronize()
 
 
-def _chunk_rows(row_nbytes: int) -> int:
-    return max(1, _CHUNK_NBYTES // max(1, row_nbytes))
-
-
 def _staged_to_host(
     state: _DeviceState,
     layers: Sequence[torch.Tensor],
@@ -241,29 +266,26 @@ def _staged_to_host(
 ) -> None:
     import torch
 
-    n = ids_dev.numel()
-    rows = _chunk_rows(row)
-    scratch = state.scratch_chunks(rows * row)
     main = torch.cuda.current_stream(state.device)
     side = state.copy_stream
     freed: list[torch.cuda.Event | None] = [None, None]
-    for k, start in enumerate(range(0, n, rows)):
-        count = min(rows, n - start)
-        slot = scratch[k % 2]
-        if freed[k % 2] is not None:
-            main.wait_event(freed[k % 2])  # the side stream is done reading this slot
+    last = None
+    for start, count, slot, k in state.chunks(ids_dev.numel(), row):
+        if k >= 0 and freed[k] is not None:
+            main.wait_event(freed[k])  # the side stream is done reading this slot
         _launch_blocks(state, layers, layout, ids_dev[start : start + count], slot.data_ptr(), row, True)
         ready = torch.cuda.Event()
         ready.record(main)
         side.wait_event(ready)
         with torch.cuda.stream(side):
-            out[start : start + count].view(-1).copy_(slot[: count * row], non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(side)
-        freed[k % 2] = done
-    for event in freed:
-        if event is not None:
-            main.wait_event(event)
+            out[start : start + count].view(-1).copy_(slot, non_blocking=True)
+        last = torch.cuda.Event()
+        last.record(side)
+        if k >= 0:
+            freed[k] = last
+    if last is not None:
+        main.wait_event(last)  # the side stream runs its copies in order
+        state.scratch[0].record_stream(side)  # freed or regrown only after these copies
 
 
 def scatter_cuda(
@@ -317,27 +339,25 @@ def _staged_from_host(
 ) -> None:
     import torch
 
-    n = ids_dev.numel()
-    rows = _chunk_rows(row)
-    scratch = state.scratch_chunks(rows * row)
     main = torch.cuda.current_stream(state.device)
     side = state.copy_stream
-    side.wait_stream(main)  # the scratch slots may still be read by earlier work on main
+    side.wait_stream(main)  # the scratch may still be read by earlier work on main
     consumed: list[torch.cuda.Event | None] = [None, None]
-    for k, start in enumerate(range(0, n, rows)):
-        count = min(rows, n - start)
-        slot = scratch[k % 2]
-        if consumed[k % 2] is not None:
-            side.wait_event(consumed[k % 2])  # the kernel is done with this slot
+    for start, count, slot, k in state.chunks(ids_dev.numel(), row):
+        if k >= 0 and consumed[k] is not None:
+            side.wait_event(consumed[k])  # the kernel is done with this slot
         with torch.cuda.stream(side):
-            slot[: count * row].copy_(staged[start : start + count].view(-1), non_blocking=True)
+            slot.copy_(staged[start : start + count].view(-1), non_blocking=True)
         arrived = torch.cuda.Event()
         arrived.record(side)
         main.wait_event(arrived)
         _launch_blocks(state, layers, layout, ids_dev[start : start + count], slot.data_ptr(), row, False)
-        used = torch.cuda.Event()
-        used.record(main)
-        consumed[k % 2] = used
+        if k >= 0:
+            used = torch.cuda.Event()
+            used.record(main)
+            consumed[k] = used
+    if state.scratch:
+        state.scratch[0].record_stream(side)
 
 
 def copy_segments_cuda(copies: Sequence[tuple[int, int, int]], device: int) -> None:

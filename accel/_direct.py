@@ -36,6 +36,13 @@ __all__ = ["O_DIRECT", "AtomicFile", "probe_o_direct", "read_into", "write_segme
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 CHUNK_NBYTES = 32 << 20
+# Defaults of write_segments, read at call time (benchmarks tune them).
+WRITE_TUNING: dict[str, Any] = {
+    "chunk_nbytes": 32 << 20,
+    "num_buffers": 6,
+    "num_writers": 4,
+    "preallocate": True,
+}
 
 
 def _round_up(n: int, align: int = PAGE_NBYTES) -> int:
@@ -146,6 +153,11 @@ class AtomicFile:
     def truncate(self, nbytes: int) -> None:
         os.ftruncate(self.fd, nbytes)
 
+    def reserve(self, nbytes: int) -> None:
+        """Allocate the file's blocks up front (best effort: not every filesystem can)."""
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fallocate(self.fd, 0, nbytes)
+
     def commit(self) -> None:
         """Flush, rename into place and flush the directory."""
         if self.fsync:
@@ -225,9 +237,10 @@ def write_segments(
     segments: Sequence[torch.Tensor],
     *,
     hasher: Callable[[], Any] | None = None,
-    chunk_nbytes: int = CHUNK_NBYTES,
-    num_buffers: int = 4,
-    num_writers: int = 4,
+    chunk_nbytes: int | None = None,
+    num_buffers: int | None = None,
+    num_writers: int | None = None,
+    preallocate: bool | None = None,
 ) -> list[str | None]:
     """Write ``segments`` back to back at ``offset`` of ``file``; return each one's hex digest.
 
@@ -246,6 +259,10 @@ def write_segments(
     """
     import torch
 
+    chunk_nbytes = chunk_nbytes or WRITE_TUNING["chunk_nbytes"]
+    num_buffers = num_buffers or WRITE_TUNING["num_buffers"]
+    num_writers = num_writers or WRITE_TUNING["num_writers"]
+    preallocate = WRITE_TUNING["preallocate"] if preallocate is None else preallocate
     flats = [_flat_u8(t) for t in segments]
     sizes = [t.numel() for t in flats]
     total = sum(sizes)
@@ -294,6 +311,10 @@ def write_segments(
         finally:
             release(slot)
 
+    if preallocate and total:
+        # Writes inside the file's allocated size run in parallel; extending writes queue on
+        # the inode lock (ext4, XFS) and allocate as they go.
+        file.reserve(offset + _round_up(total))
     chunks = _plan(sizes, chunk_nbytes)
     with ThreadPoolExecutor(num_writers) as writers, ThreadPoolExecutor(1) as hashing:
         start = 0
@@ -324,7 +345,7 @@ def write_segments(
             start += length
     if errors:
         raise errors[0]
-    if file.direct and total % PAGE_NBYTES:
+    if (file.direct or preallocate) and total % PAGE_NBYTES:
         file.truncate(offset + total)
     return [h.hexdigest() if h is not None else None for h in hashers]
 

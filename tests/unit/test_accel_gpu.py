@@ -58,9 +58,13 @@ def _u8(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.uint8])
 @pytest.mark.parametrize("where", ["device", "pinned", "pageable"])
-@pytest.mark.parametrize("route", ["staged", "direct"])
+@pytest.mark.parametrize("route", ["staged", "staged-slots", "direct"])
 def test_round_trip_random_ids(dtype: torch.dtype, where: str, route: str, monkeypatch) -> None:
-    monkeypatch.setattr(_cuda, "_CHUNK_NBYTES", 64 << 10)  # several pipeline chunks
+    # Several pipeline chunks: growing ones in one scratch, or two rotating slots.
+    monkeypatch.setattr(_cuda, "_FIRST_NBYTES", 64 << 10)
+    monkeypatch.setattr(_cuda, "_CHUNK_NBYTES", 256 << 10)
+    if route == "staged-slots":
+        monkeypatch.setattr(_cuda, "_WHOLE_NBYTES", 0)
     src = _cache(64, dtype=dtype)
     dst = [torch.zeros_like(t) for t in src]
     ids = random.Random(1).sample(range(64), 17)
