@@ -365,8 +365,14 @@ class HostWeights:
         return cls(manifest, host, verified=True)
 
     @classmethod
-    def map(cls, path: str | os.PathLike[str]) -> HostWeights:
-        """Map ``path`` (a ``/dev/shm`` file) in place and page-lock it when CUDA is present."""
+    def map(cls, path: str | os.PathLike[str], *, verify: bool = True) -> HostWeights:
+        """Map ``path`` (a ``/dev/shm`` file) in place and page-lock it when CUDA is present.
+
+        Args:
+            verify: check every checksum on each restore (default). ``False`` trusts whoever
+                wrote the file (a process of yours on this host): the header, manifest and
+                target checks still run, the payload is copied unchecked.
+        """
         from .accel import HostRegistration, cuda_available
 
         manifest = read_weights_manifest(path)
@@ -374,7 +380,7 @@ class HostWeights:
             manifest.path, manifest.container.payload_offset, max(1, manifest.nbytes), shared=True
         )
         registration = HostRegistration(host) if cuda_available() else None
-        return cls(manifest, host, verified=False, keep=(region, registration))
+        return cls(manifest, host, verified=not verify, keep=(region, registration))
 
     def restore(
         self, targets: Any, *, expect_fingerprint: str | None = None, landing: bool | None = None
