@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -28,10 +29,8 @@ def machine() -> dict[str, Any]:
     except OSError:
         info["cpu"] = platform.processor()
     info["cores"] = os.cpu_count()
-    try:
+    with contextlib.suppress(ValueError, OSError):
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
     try:
         import torch
 
@@ -41,7 +40,9 @@ def machine() -> dict[str, Any]:
             info["cuda"] = torch.version.cuda
             smi = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, check=False,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             info["driver"] = smi.stdout.strip()
     except ImportError:

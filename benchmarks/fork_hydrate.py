@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from _common import print_table, write_results
 
 SUFFIX = " Question: which item above matters most, and why?"
 
@@ -60,10 +60,15 @@ def _parent(args: argparse.Namespace, scratch: Path) -> dict:
         handle.save(disk)
         save_file_s = time.perf_counter() - start
         out[str(length)] = {
-            "token_ids": ids, "suffix": tok.encode(SUFFIX, add_special_tokens=False),
-            "shm": str(shm), "file": str(disk), "snapshot_nbytes": handle.nbytes,
-            "snapshot_tokens": handle.num_snapshot_tokens, "fork_s": fork_s,
-            "save_shm_s": save_shm_s, "save_file_s": save_file_s,
+            "token_ids": ids,
+            "suffix": tok.encode(SUFFIX, add_special_tokens=False),
+            "shm": str(shm),
+            "file": str(disk),
+            "snapshot_nbytes": handle.nbytes,
+            "snapshot_tokens": handle.num_snapshot_tokens,
+            "fork_s": fork_s,
+            "save_shm_s": save_shm_s,
+            "save_file_s": save_file_s,
         }
     return out
 
@@ -78,8 +83,9 @@ def _evict(path: str) -> None:
 
 
 def _child(args: argparse.Namespace, cases: dict) -> dict:
-    import thaw_agents
     from vllm import SamplingParams, TokensPrompt
+
+    import thaw_agents
 
     llm = thaw_agents.make_llm(args.model, max_model_len=args.max_model_len)
     one = SamplingParams(max_tokens=1, temperature=0)
@@ -106,7 +112,8 @@ def _child(args: argparse.Namespace, cases: dict) -> dict:
                 ttft.append(time.perf_counter() - start)
                 cached.append(out.num_cached_tokens)
             rows[mode] = {
-                "ttft_s": statistics.median(ttft), "ttft_all_s": ttft,
+                "ttft_s": statistics.median(ttft),
+                "ttft_all_s": ttft,
                 "load_s": statistics.median(load) if load else 0.0,
                 "cached_tokens": min(cached),
             }
@@ -132,11 +139,25 @@ def main() -> None:
         args.io.with_suffix(".out").write_text(json.dumps(_child(args, cases)))
         return
 
-    scratch = Path(tempfile.mkdtemp(prefix="thaw-bench-", dir=Path(__file__).parent / "scratch"
-                                    if (Path(__file__).parent / "scratch").exists() else None))
+    scratch = Path(
+        tempfile.mkdtemp(
+            prefix="thaw-bench-",
+            dir=Path(__file__).parent / "scratch" if (Path(__file__).parent / "scratch").exists() else None,
+        )
+    )
     io = scratch / "cases.json"
-    common = [sys.executable, __file__, "--io", str(io), "--max-model-len", str(args.max_model_len),
-              "--repeats", str(args.repeats), "--lengths", *map(str, args.lengths)]
+    common = [
+        sys.executable,
+        __file__,
+        "--io",
+        str(io),
+        "--max-model-len",
+        str(args.max_model_len),
+        "--repeats",
+        str(args.repeats),
+        "--lengths",
+        *map(str, args.lengths),
+    ]
     if args.model:
         common += ["--model", args.model]
     try:
@@ -154,25 +175,48 @@ def main() -> None:
         for mode in ("re-prefill", "shm", "file"):
             m = measured[length][mode]
             save_s = {"re-prefill": 0.0, "shm": case["save_shm_s"], "file": case["save_file_s"]}[mode]
-            rows.append([length, mode, m["ttft_s"] * 1e3, m["ttft_s"] / base, m["cached_tokens"],
-                         case["snapshot_nbytes"] / 1e6 if mode != "re-prefill" else 0.0,
-                         save_s * 1e3, m["load_s"] * 1e3])
-            report.append({"prefix_tokens": int(length), "mode": mode, "ttft_ms": m["ttft_s"] * 1e3,
-                           "ttft_all_ms": [t * 1e3 for t in m["ttft_all_s"]],
-                           "ratio_to_reprefill": m["ttft_s"] / base, "cached_tokens": m["cached_tokens"],
-                           "snapshot_bytes": case["snapshot_nbytes"] if mode != "re-prefill" else 0,
-                           "save_ms": save_s * 1e3, "load_ms": m["load_s"] * 1e3,
-                           "fork_ms": case["fork_s"] * 1e3})
+            rows.append(
+                [
+                    length,
+                    mode,
+                    m["ttft_s"] * 1e3,
+                    m["ttft_s"] / base,
+                    m["cached_tokens"],
+                    case["snapshot_nbytes"] / 1e6 if mode != "re-prefill" else 0.0,
+                    save_s * 1e3,
+                    m["load_s"] * 1e3,
+                ]
+            )
+            report.append(
+                {
+                    "prefix_tokens": int(length),
+                    "mode": mode,
+                    "ttft_ms": m["ttft_s"] * 1e3,
+                    "ttft_all_ms": [t * 1e3 for t in m["ttft_all_s"]],
+                    "ratio_to_reprefill": m["ttft_s"] / base,
+                    "cached_tokens": m["cached_tokens"],
+                    "snapshot_bytes": case["snapshot_nbytes"] if mode != "re-prefill" else 0,
+                    "save_ms": save_s * 1e3,
+                    "load_ms": m["load_s"] * 1e3,
+                    "fork_ms": case["fork_s"] * 1e3,
+                }
+            )
     print()
-    print_table(["prefix", "mode", "TTFT ms", "x re-prefill", "cached", "snapshot MB", "save ms", "load ms"],
-                rows)
-    path = write_results("fork_hydrate", {
-        "benchmark": "fork_hydrate", "parameters": vars(args) | {"out": str(args.out), "io": None},
-        "cases": report,
-        "notes": "TTFT = wall time of a max_tokens=1 request in a fresh engine (prefix cache reset each "
-                 "run), median of repeats; shm/file TTFT include ForkHandle.load (header + checksum "
-                 "validation); file runs evict the snapshot from the page cache first.",
-    }, args.out)
+    print_table(
+        ["prefix", "mode", "TTFT ms", "x re-prefill", "cached", "snapshot MB", "save ms", "load ms"], rows
+    )
+    path = write_results(
+        "fork_hydrate",
+        {
+            "benchmark": "fork_hydrate",
+            "parameters": vars(args) | {"out": str(args.out), "io": None},
+            "cases": report,
+            "notes": "TTFT = wall time of a max_tokens=1 request in a fresh engine (prefix cache reset each "
+            "run), median of repeats; shm/file TTFT include ForkHandle.load (header + checksum "
+            "validation); file runs evict the snapshot from the page cache first.",
+        },
+        args.out,
+    )
     print(f"\nwrote {path}")
 
 

@@ -21,7 +21,9 @@ Prefix = str | Sequence[int] | Sequence[dict[str, Any]]
 
 @runtime_checkable
 class EngineAdapter(Protocol):
-    def kv_spec(self) -> KVSpec: ...
+    """What an engine front offers fork/hydrate. ``kv_spec`` may return the spec as JSON data."""
+
+    def kv_spec(self) -> KVSpec | dict[str, Any]: ...
 
     def prefix_token_ids(self, prefix: Prefix) -> list[int]: ...
 
@@ -110,7 +112,7 @@ _ADAPTERS: weakref.WeakKeyDictionary[Any, EngineAdapter] = weakref.WeakKeyDictio
 def adapter_for(engine: Any) -> EngineAdapter:
     """The adapter of a ``vllm.LLM``, or of anything exposing ``_thaw_adapter()``."""
     if hasattr(engine, "_thaw_adapter"):
-        return engine._thaw_adapter()
+        return _Normalised(engine._thaw_adapter())
     if hasattr(engine, "collective_rpc") and hasattr(engine, "generate"):
         try:
             adapter = _ADAPTERS.get(engine)
@@ -125,3 +127,20 @@ def adapter_for(engine: Any) -> EngineAdapter:
         f"cannot fork from {type(engine).__name__}: pass a vllm.LLM built with "
         "thaw_agents.engine_kwargs(), or a ChatThaw"
     )
+
+
+class _Normalised:
+    """Wraps a foreign adapter so ``kv_spec`` always returns a :class:`KVSpec`."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def kv_spec(self) -> KVSpec:
+        spec = self._inner.kv_spec()
+        return spec if isinstance(spec, KVSpec) else KVSpec.from_json(spec)
+
+    def prefix_token_ids(self, prefix: Prefix) -> list[int]:
+        return self._inner.prefix_token_ids(prefix)
+
+    def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> int:
+        return self._inner.run_prefix(token_ids, kv_transfer_params)

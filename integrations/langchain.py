@@ -1,0 +1,544 @@
+"""``ChatThaw``: a LangChain chat model on vLLM's async engine, fork-aware."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models.model_profile import ModelProfile
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field, PrivateAttr
+
+import thaw_agents
+
+from . import _runtime
+from ._messages import to_chat_dicts, with_tools
+from ._structured import structured_output_runnable
+from ._tools import forced_call_schema, parse_forced_call, parse_tool_calls
+
+__all__ = ["ChatThaw"]
+
+logger = logging.getLogger(__name__)
+
+
+class ChatThaw(BaseChatModel):
+    """A LangChain chat model on vLLM's ``AsyncLLM`` with thaw's fork support.
+
+    Setup:
+        ``pip install 'thaw-agents[cpu,langgraph]'`` (``[gpu,langgraph]`` on a CUDA machine).
+        The default model (SmolLM2-135M-Instruct) is prepared offline on first use.
+
+    Key init args:
+        model: a Hugging Face folder or id; None is the default model.
+        temperature, max_tokens, top_p, top_k, seed, stop, presence_penalty,
+        frequency_penalty, repetition_penalty: sampling defaults, overridable per call.
+        timeout: seconds a call may take before it is aborted.
+        engine_kwargs: vLLM engine arguments on top of ``thaw_agents.engine_kwargs()``.
+        tool_parser: the vLLM tool parser for this model family (``"hermes"``).
+
+    Instantiate:
+        .. code-block:: python
+
+            from thaw_agents.integrations.langchain import ChatThaw
+
+            llm = ChatThaw(temperature=0, max_tokens=128)   # cheap: the engine starts on first use
+
+    Invoke:
+        .. code-block:: python
+
+            llm.invoke([("system", "You are terse."), ("human", "Name a prime number.")])
+
+    Stream:
+        .. code-block:: python
+
+            for chunk in llm.stream("Tell me a short story."):
+                print(chunk.text, end="")
+
+    Async:
+        .. code-block:: python
+
+            await llm.ainvoke("Hello")
+            await llm.abatch(["one", "two", "three"])   # one engine, continuous batching
+
+    Tool calling:
+        .. code-block:: python
+
+            from langchain_core.tools import tool
+
+            @tool
+            def add(a: int, b: int) -> int:
+                "Add two integers."
+                return a + b
+
+            llm.bind_tools([add], tool_choice="any").invoke("What is 2 + 3?").tool_calls
+
+    Structured output:
+        .. code-block:: python
+
+            from pydantic import BaseModel
+
+            class Answer(BaseModel):
+                city: str
+
+            llm.with_structured_output(Answer).invoke("Capital of France?")   # guided decoding
+
+    Forks:
+        .. code-block:: python
+
+            import thaw_agents
+
+            handle = thaw_agents.fork(llm, trunk_messages)          # snapshot the trunk's KV
+            llm.invoke(trunk_messages + [("human", "Q1")], fork=handle)   # or fork=handle.id
+
+    Token usage:
+        .. code-block:: python
+
+            msg = llm.invoke("Hi")
+            msg.usage_metadata   # input/output/total tokens; input_token_details.cache_read
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    model: str | None = None
+    """Hugging Face folder or id; None means the default model (SmolLM2-135M-Instruct)."""
+    temperature: float | None = None
+    """Sampling temperature; None is vLLM's default (1.0)."""
+    max_tokens: int | None = 512
+    """Most tokens to generate per call (default 512); None means up to the context length."""
+    top_p: float | None = None
+    """Nucleus sampling probability mass; None is 1.0."""
+    top_k: int | None = None
+    """Sample from the k most likely tokens; None means all."""
+    seed: int | None = None
+    """Per-request sampling seed for reproducible sampling."""
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    """Stop sequences (not included in the output)."""
+    presence_penalty: float | None = None
+    """vLLM presence penalty."""
+    frequency_penalty: float | None = None
+    """vLLM frequency penalty."""
+    repetition_penalty: float | None = None
+    """vLLM repetition penalty."""
+    timeout: float | None = None
+    """Seconds a call may take; the request is aborted after it. None: no limit."""
+    max_retries: int = 0
+    """Accepted for LangChain compatibility; a local engine is not retried."""
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """vLLM engine arguments applied over ``thaw_agents.engine_kwargs()`` (default: none)."""
+    tool_parser: str = "hermes"
+    """vLLM tool parser used to read tool calls from free text (default ``"hermes"``)."""
+    fork: str | None = None
+    """Default snapshot id whose prefix calls start from (usually passed per call instead)."""
+
+    _engine_key: str | None = PrivateAttr(default=None)
+    _acquired: bool = PrivateAttr(default=False)
+    _closed: bool = PrivateAttr(default=False)
+
+    # -- LangChain plumbing ---------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "thaw-vllm"
+
+    @property
+    def model_name(self) -> str:
+        return self.model or thaw_agents.models.DEFAULT_MODEL_NAME
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model_name, **self._default_sampling(), "engine_kwargs": self.engine_kwargs}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="thaw", ls_model_name=kwargs.get("model", self.model_name), ls_model_type="chat"
+        )
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        return ModelProfile(
+            tool_calling=True,
+            structured_output=True,
+            image_inputs=False,
+            audio_inputs=False,
+            pdf_inputs=False,
+            video_inputs=False,
+        )
+
+    # -- engine ---------------------------------------------------------------------------
+    def _engine_args(self) -> dict[str, Any]:
+        # Guided decoding is configured engine-wide in vLLM; compact JSON keeps a small model from
+        # spending its token budget on whitespace.
+        overrides = {
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+            **self.engine_kwargs,
+        }
+        return thaw_agents.engine_kwargs(self.model, **overrides)
+
+    async def _handle(self) -> _runtime.EngineHandle:
+        if self._closed:
+            raise thaw_agents.EngineError("this ChatThaw was closed; create a new one")
+        future = _runtime.acquire(self._engine_args())
+        try:
+            handle = await asyncio.wrap_future(future)
+        except Exception as exc:
+            raise thaw_agents.ConfigError(
+                f"the vLLM engine for model {self.model_name!r} failed to start: {exc}. Check the model "
+                "path or id; on CPU vLLM starts its engine process with 'spawn', so a script must guard "
+                'its entry point with `if __name__ == "__main__":`.'
+            ) from exc
+        if not self._acquired:
+            self._acquired = True
+            handle.refs += 1
+        self._engine_key = handle.key
+        return handle
+
+    def close(self) -> None:
+        """Release this instance's share of the engine; the last user shuts it down."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._acquired and self._engine_key is not None:
+            future = _runtime._engines.get(self._engine_key)
+            if future is not None and future.done() and not future.exception():
+                handle = future.result()
+                handle.refs -= 1
+                if handle.refs <= 0:
+                    _runtime.release_key(self._engine_key)
+
+    def __enter__(self) -> ChatThaw:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- request building -----------------------------------------------------------------
+    def _default_sampling(self) -> dict[str, Any]:
+        fields = (
+            "temperature",
+            "max_tokens",
+            "top_p",
+            "top_k",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        )
+        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
+
+    def _sampling_params(self, stop: list[str] | None, kwargs: dict[str, Any], structured: Any) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        values = self._default_sampling()
+        for name in (
+            "temperature",
+            "max_tokens",
+            "top_p",
+            "top_k",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
+            if kwargs.get(name) is not None:
+                values[name] = kwargs[name]
+        stops = stop if stop is not None else kwargs.get("stop", self.stop)
+        try:
+            if structured is not None:
+                values["structured_outputs"] = StructuredOutputsParams(**structured)
+            params = SamplingParams(**values, stop=list(stops or []), output_kind=RequestOutputKind.DELTA)
+        except Exception as exc:
+            if not _is_validation_error(exc):
+                raise
+            raise thaw_agents.ConfigError(f"invalid sampling parameters: {exc}") from exc
+        return params
+
+    async def _prompt_ids(self, handle: _runtime.EngineHandle, chat: list[dict[str, Any]]) -> list[int]:
+        from vllm.renderers import ChatParams
+
+        _, prompts = await handle.engine.renderer.render_chat_async(
+            [chat], ChatParams(chat_template_kwargs={"add_generation_prompt": True})
+        )
+        return list(prompts[0]["prompt_token_ids"])
+
+    @staticmethod
+    def _resolve_fork(fork: Any) -> thaw_agents.ForkHandle | None:
+        if fork is None or isinstance(fork, thaw_agents.ForkHandle):
+            return fork
+        try:
+            return thaw_agents.ForkHandle.from_id(str(fork))
+        except thaw_agents.SnapshotError as exc:
+            warnings.warn(
+                f"snapshot {fork} is not available ({exc}); prefilling instead", RuntimeWarning, stacklevel=4
+            )
+            logger.warning("fork %s unavailable, prefilling: %s", fork, exc)
+            return None
+
+    # -- the one streaming code path ------------------------------------------------------
+    async def _chunks(
+        self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """Generate on the background loop; yields LangChain chunks, the last one marked."""
+        handle = await self._handle()
+        tools: list[dict[str, Any]] = kwargs.get("tools") or []
+        tool_choice = kwargs.get("tool_choice")
+        structured = kwargs.get("structured_outputs")
+        forced = forced_call_schema(tools, tool_choice) if tools and tool_choice != "none" else None
+        if forced is not None:
+            structured = {"json": forced}
+        chat = to_chat_dicts(messages)
+        if tools and tool_choice != "none":
+            chat = with_tools(chat, tools)
+        try:
+            prompt_ids = await self._prompt_ids(handle, chat)
+        except Exception as exc:  # vLLM validates the context length while rendering
+            if not _is_validation_error(exc):
+                raise
+            raise thaw_agents.ConfigError(f"the messages cannot be sent to the engine: {exc}") from exc
+        max_tokens = kwargs.get("max_tokens", self.max_tokens) or 0
+        if len(prompt_ids) + max(max_tokens, 1) > handle.max_model_len:
+            raise thaw_agents.ConfigError(
+                f"the prompt has {len(prompt_ids)} tokens and asks for {max_tokens} more, beyond the "
+                f"engine's context of {handle.max_model_len}; shorten the messages or lower max_tokens"
+            )
+        params = self._sampling_params(stop, kwargs, structured)
+        fork = self._resolve_fork(kwargs.get("fork", self.fork))
+        if fork is not None:
+            if tuple(prompt_ids[: fork.num_tokens]) == fork.token_ids:
+                params = thaw_agents.with_fork(params, fork)
+            else:
+                logger.warning("fork %s does not prefix this prompt; prefilling", fork.id)
+        from vllm import TokensPrompt
+
+        request_id = f"chatthaw-{uuid.uuid4().hex}"
+        buffer_output = bool(tools) and tool_choice != "none"
+        text_parts: list[str] = []
+        num_output = 0
+        cached = 0
+        finish_reason: str | None = None
+        timeout = kwargs.get("timeout", self.timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if not timeout else loop.time() + float(timeout)
+        stream = handle.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise asyncio.TimeoutError
+                try:
+                    output = await asyncio.wait_for(anext(stream), remaining)
+                except StopAsyncIteration:
+                    break
+                cached = int(output.num_cached_tokens or 0)
+                completion = output.outputs[0]
+                num_output += len(completion.token_ids)
+                if completion.finish_reason:
+                    finish_reason = completion.finish_reason
+                if completion.text:
+                    text_parts.append(completion.text)
+                    if not buffer_output:
+                        yield ChatGenerationChunk(message=AIMessageChunk(content=completion.text))
+        except asyncio.TimeoutError as exc:
+            await handle.engine.abort(request_id)
+            raise thaw_agents.EngineError(f"the request timed out after {timeout} s and was aborted") from exc
+        except (asyncio.CancelledError, GeneratorExit):
+            await handle.engine.abort(request_id)
+            raise
+        except thaw_agents.ThawError:
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "EngineDeadError":
+                raise thaw_agents.EngineError(f"the vLLM engine died: {exc}; create a new ChatThaw") from exc
+            if _is_validation_error(exc):
+                raise thaw_agents.ConfigError(f"vLLM refused the request: {exc}") from exc
+            raise
+        if finish_reason == "error":
+            raise thaw_agents.EngineError("the engine failed this request (finish_reason='error')")
+        usage = UsageMetadata(
+            input_tokens=len(prompt_ids),
+            output_tokens=num_output,
+            total_tokens=len(prompt_ids) + num_output,
+            input_token_details={"cache_read": cached},
+        )
+        metadata = {
+            "model_name": self.model_name,
+            "finish_reason": finish_reason,
+            "model_provider": "thaw",
+            "fork": fork.id if fork is not None else None,
+        }
+        content = ""
+        chunks = []
+        if buffer_output:
+            text = "".join(text_parts)
+            if forced is not None:
+                calls, invalid = parse_forced_call(text)
+            else:
+                content, calls, invalid = parse_tool_calls(
+                    text, tools, handle.engine.get_tokenizer(), self.tool_parser
+                )
+            chunks = [
+                tool_call_chunk(name=c["name"], args=_json(c["args"]), id=c["id"], index=i)
+                for i, c in enumerate(calls)
+            ]
+            if invalid:
+                # Never let a truncated or malformed call be "repaired" into arguments by
+                # LangChain's lenient chunk parser: report it as invalid, with the raw text.
+                metadata["invalid_tool_calls"] = [dict(c) for c in invalid]
+        message = AIMessageChunk(
+            content=content,
+            usage_metadata=usage,
+            response_metadata=metadata,
+            tool_call_chunks=chunks,
+            chunk_position="last",
+        )
+        if buffer_output and invalid:
+            message.invalid_tool_calls = list(message.invalid_tool_calls) + list(invalid)
+        yield ChatGenerationChunk(message=message, generation_info={"finish_reason": finish_reason})
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        for chunk in _runtime.runtime.iterate(lambda: self._chunks(messages, stop, **kwargs)):
+            if run_manager and chunk.text:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        async for chunk in _runtime.runtime.aiterate(lambda: self._chunks(messages, stop, **kwargs)):
+            if run_manager and chunk.text:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return _aggregate(self._stream(messages, stop, run_manager, **kwargs))
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        chunks = [c async for c in self._astream(messages, stop, run_manager, **kwargs)]
+        return _aggregate(iter(chunks))
+
+    # -- tools and structured output ------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: dict | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; ``tool_choice`` "any"/"required"/a name forces a call by constrained decoding."""
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        if tool_choice is not None:
+            forced_call_schema(formatted, tool_choice)  # validate the name now
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict | type | None = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Structured output; ``json_schema`` (default) is enforced by vLLM's guided decoding."""
+        del strict  # always strict: decoding is constrained
+        return structured_output_runnable(self, schema, method=method, include_raw=include_raw, **kwargs)
+
+    # -- tokens ---------------------------------------------------------------------------
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids from the model's own tokenizer (never a download)."""
+        return list(_tokenizer(self._engine_args()["model"]).encode(text))
+
+    # -- forks ----------------------------------------------------------------------------
+    def _thaw_adapter(self) -> Any:
+        from ._fork_adapter import ChatThawAdapter
+
+        return ChatThawAdapter(self)
+
+
+def _is_validation_error(exc: BaseException) -> bool:
+    """vLLM's validation errors (not ValueError subclasses in 0.32) and plain ValueError/TypeError."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # pragma: no cover - older vLLM
+        VLLMValidationError = ValueError
+    return isinstance(exc, (ValueError, TypeError, VLLMValidationError))
+
+
+def _json(args: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(args)
+
+
+def _aggregate(chunks: Iterator[ChatGenerationChunk]) -> ChatResult:
+    final: ChatGenerationChunk | None = None
+    for chunk in chunks:
+        final = chunk if final is None else final + chunk
+    if final is None:
+        raise thaw_agents.EngineError("the engine returned no output")
+    message = final.message
+    metadata = dict(message.response_metadata)
+    # Invalid calls travel in metadata through chunk merges (see _chunks); restore them here.
+    invalid = metadata.pop("invalid_tool_calls", None) or list(message.invalid_tool_calls)
+    ai = AIMessage(
+        content=message.content,
+        additional_kwargs=message.additional_kwargs,
+        response_metadata=metadata,
+        usage_metadata=message.usage_metadata,
+        tool_calls=message.tool_calls,
+        invalid_tool_calls=invalid,
+        id=message.id,
+    )
+    return ChatResult(generations=[ChatGeneration(message=ai, generation_info=final.generation_info)])
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(model: str) -> Any:
+    if model not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[model] = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    return _TOKENIZERS[model]
