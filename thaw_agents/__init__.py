@@ -21,6 +21,8 @@ from ._errors import (
     DependencyError,
     EngineError,
     ModelPreparationError,
+    PoolError,
+    PoolTimeoutError,
     SnapshotChecksumError,
     SnapshotError,
     SnapshotFormatError,
@@ -29,9 +31,11 @@ from ._errors import (
     SnapshotTruncatedError,
     SnapshotVersionError,
     ThawError,
+    WorkerDiedError,
 )
 from ._fork import ForkHandle, fork, with_fork
 from .models import default_model
+from .pool import BranchResult, ForkPool, afork_completions, fork_completions
 
 try:
     __version__ = version("thaw-agents")
@@ -39,11 +43,15 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0"
 
 __all__ = [
+    "BranchResult",
     "ConfigError",
     "DependencyError",
     "EngineError",
     "ForkHandle",
+    "ForkPool",
     "ModelPreparationError",
+    "PoolError",
+    "PoolTimeoutError",
     "SnapshotChecksumError",
     "SnapshotError",
     "SnapshotFormatError",
@@ -52,10 +60,13 @@ __all__ = [
     "SnapshotTruncatedError",
     "SnapshotVersionError",
     "ThawError",
+    "WorkerDiedError",
     "__version__",
+    "afork_completions",
     "default_model",
     "engine_kwargs",
     "fork",
+    "fork_completions",
     "make_llm",
     "with_fork",
 ]

@@ -13,10 +13,13 @@
     │   ├── SnapshotTruncatedError  the payload is shorter than the header says
     │   ├── SnapshotChecksumError   a region's bytes do not match its checksum
     │   └── SnapshotMismatchError   another model, dtype, block size or KV layout
-    └── EngineError                 the engine refused or failed a thaw operation
+    ├── EngineError                 the engine refused or failed a thaw operation
+    └── PoolError                   a ForkPool worker failed a step (boot, hydrate, generate)
+        ├── WorkerDiedError         the worker process or actor exited
+        └── PoolTimeoutError (+TimeoutError)  a step ran past its timeout
 
 Every error carries the fields a caller needs (``path``, ``field``, ``expected``,
-``actual``) and a message that says what to do.
+``actual``; ``worker``, ``branch``, ``stage`` for pool errors) and a message that says what to do.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ __all__ = [
     "DependencyError",
     "EngineError",
     "ModelPreparationError",
+    "PoolError",
+    "PoolTimeoutError",
     "SnapshotChecksumError",
     "SnapshotError",
     "SnapshotFormatError",
@@ -36,6 +41,7 @@ __all__ = [
     "SnapshotTruncatedError",
     "SnapshotVersionError",
     "ThawError",
+    "WorkerDiedError",
 ]
 
 
@@ -124,3 +130,65 @@ class SnapshotMismatchError(SnapshotError, ValueError):
         if hint:
             message += f"; {hint}"
         super().__init__(message, path=path)
+
+
+class PoolError(ThawError, RuntimeError):
+    """A :class:`~thaw_agents.ForkPool` worker could not boot, hydrate or generate.
+
+    Attributes:
+        message: what went wrong, without the branch and worker prefix.
+        worker: the worker's name (``"local-0"``, ``"ray-1"``), when one is involved.
+        branch: the index of the failed branch in the round's input order, when known.
+        stage: ``"boot"``, ``"ship"``, ``"hydrate"`` or ``"generate"``.
+        remote_type: the exception class raised inside the worker, when it raised one.
+        failures: every failed branch of the round (this error first), set by ``fork_completions``.
+        results: the round's results in input order, ``None`` where a branch failed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        worker: str | None = None,
+        branch: int | None = None,
+        stage: str | None = None,
+        remote_type: str | None = None,
+    ) -> None:
+        self.message = message
+        self.worker = worker
+        self.branch = branch
+        self.stage = stage
+        self.remote_type = remote_type
+        self.failures: tuple[PoolError, ...] = ()
+        self.results: list[Any] | None = None
+        where = [f"branch {branch}" if branch is not None else "", f"worker {worker}" if worker else ""]
+        prefix = ", ".join(w for w in where if w)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class WorkerDiedError(PoolError):
+    """A worker process (or Ray actor) exited; the pool replaces it.
+
+    Attributes:
+        exit_code: the process's exit status (negative: killed by that signal), when known.
+        log_tail: the last lines the worker logged, when available.
+    """
+
+    def __init__(
+        self, message: str, *, exit_code: int | None = None, log_tail: str = "", **fields: Any
+    ) -> None:
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+        super().__init__(message, **fields)
+
+
+class PoolTimeoutError(PoolError, TimeoutError):
+    """A boot, hydrate or generate step ran past its timeout.
+
+    Attributes:
+        timeout_s: the limit that was exceeded.
+    """
+
+    def __init__(self, message: str, *, timeout_s: float | None = None, **fields: Any) -> None:
+        self.timeout_s = timeout_s
+        super().__init__(message, **fields)

@@ -15,11 +15,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_public_api_is_pinned() -> None:
     assert thaw_agents.__all__ == sorted(thaw_agents.__all__)
     assert set(thaw_agents.__all__) == {
+        "BranchResult",
         "ConfigError",
         "DependencyError",
         "EngineError",
         "ForkHandle",
+        "ForkPool",
         "ModelPreparationError",
+        "PoolError",
+        "PoolTimeoutError",
         "SnapshotChecksumError",
         "SnapshotError",
         "SnapshotFormatError",
@@ -28,10 +32,13 @@ def test_public_api_is_pinned() -> None:
         "SnapshotTruncatedError",
         "SnapshotVersionError",
         "ThawError",
+        "WorkerDiedError",
         "__version__",
+        "afork_completions",
         "default_model",
         "engine_kwargs",
         "fork",
+        "fork_completions",
         "make_llm",
         "with_fork",
     }
@@ -110,4 +117,5 @@ def test_wheel_maps_the_namespace(tmp_path: Path) -> None:
     assert "thaw_agents/accel/__init__.py" in names
     assert "thaw_agents/integrations/__init__.py" in names
     assert "thaw_agents/connector/facade.py" in names
+    assert "thaw_agents/pool/_worker.py" in names
     assert "thaw_agents/py.typed" in names

@@ -1,0 +1,396 @@
+"""``fork_completions``: compute a trunk once, run every branch from it, say where and why.
+
+A round: (1) tokenize, find the trunk (the longest common token prefix of the prompts, or
+``prefix=``); (2) without a pool, warm the trunk in the parent's prefix cache and run the
+branches there as one batch; with a pool, check the parent against the workers' KV spec,
+fork the trunk into a snapshot, ship it, and give each worker its share of the branches
+(round-robin over ready workers, so a round's batches are the same whether it runs alone or
+beside other rounds); (3) retry once, elsewhere, the branches of a worker that died or hung;
+(4) return one :class:`BranchResult` per branch in input order, or raise the first failure
+(with every failure and the partial results attached).
+
+Example:
+    >>> prompts = [trunk + " Security review:", trunk + " Performance review:"]   # doctest: +SKIP
+    >>> results = fork_completions(llm, prompts, SamplingParams(max_tokens=64), pool)  # doctest: +SKIP
+    >>> [(r.worker, r.num_cached_tokens) for r in results]                      # doctest: +SKIP
+    [('local-0', 992), ('local-1', 992)]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._adapter import adapter_for
+from .._errors import ConfigError, SnapshotMismatchError
+from .._fork import ForkHandle, fork
+from .._kvspec import KVSpec, chain_keys, snapshot_id
+from .._manifest import check_compatible
+from .._store import SUFFIX, store_dir
+from ._dispatch import Outcome, dispatch
+from ._pool import ForkPool
+from ._protocol import encode_sampling
+from ._results import BranchResult, BranchTimings, Completion
+from ._runner import engine_lock, run_batch
+from ._transport import Shipment, ship
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+
+__all__ = ["afork_completions", "fork_completions"]
+
+logger = logging.getLogger(__name__)
+Prompt = str | Sequence[int]
+_STORE_LOCK = threading.Lock()
+_STORE_REFS: Counter[Path] = Counter()
+_STORE_OWNED: set[Path] = set()
+
+
+@dataclass(slots=True)
+class _Plan:
+    trunk: list[int]
+    prompts: list[list[int]]
+    handle: ForkHandle | None  # given by the caller as prefix=
+
+
+def fork_completions(
+    llm: Any,
+    prompts: Sequence[Prompt] | None = None,
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    pool: ForkPool | None = None,
+    *,
+    prefix: Any = None,
+    suffixes: Sequence[Prompt] | None = None,
+    timeout_s: float | None = None,
+) -> list[BranchResult]:
+    """Run branches that share a trunk, computing the trunk once; results in input order.
+
+    Args:
+        llm: the parent engine (a ``vllm.LLM`` built with :func:`thaw_agents.engine_kwargs`).
+        prompts: full prompts (strings or token ids) that share a trunk: their longest
+            common token prefix.
+        sampling_params: one for all branches or one per branch; ``n > 1`` gives each branch
+            ``n`` completions. None: the model's defaults.
+        pool: a started :class:`ForkPool`; None runs the branches in the parent engine.
+        prefix: instead of ``prompts``: the trunk (string, token ids, chat messages, or a
+            :class:`ForkHandle` already taken), with ``suffixes`` (strings or token ids).
+        suffixes: each branch's text after the trunk.
+        timeout_s: a limit for the whole round (each step already has the pool's timeouts).
+
+    Raises:
+        SnapshotMismatchError: the parent (or ``prefix`` handle) differs from the pool's workers
+            in model, dtype, block size or KV layout; raised before any branch runs.
+        PoolError: a branch failed, also after its retry; ``.branch``, ``.worker`` and
+            ``.stage`` say which and where, ``.failures`` lists all, ``.results`` the rest.
+
+    Example:
+        >>> results = fork_completions(llm, prefix=diff, suffixes=["Security:", "Style:"],  # doctest: +SKIP
+        ...                            sampling_params=SamplingParams(max_tokens=64), pool=pool)
+        >>> results[1].text, results[1].reason                                          # doctest: +SKIP
+    """
+    round_start = time.perf_counter()
+    with engine_lock(llm):  # the tokenizer and the engine are not for concurrent use
+        plan = _plan(llm, prompts, prefix, suffixes)
+    params = _params(llm, sampling_params, len(plan.prompts))
+    if pool is None:
+        return _in_parent(llm, plan, params, round_start)
+    return _in_pool(llm, plan, params, pool, round_start, timeout_s)
+
+
+async def afork_completions(*args: Any, **kwargs: Any) -> list[BranchResult]:
+    """:func:`fork_completions` for async callers (runs in a thread; rounds may overlap)."""
+    return await asyncio.to_thread(fork_completions, *args, **kwargs)
+
+
+# -- planning -------------------------------------------------------------------------------
+def _plan(llm: Any, prompts: Any, prefix: Any, suffixes: Any) -> _Plan:
+    adapter = adapter_for(llm)
+    if prompts is not None:
+        if prefix is not None or suffixes is not None:
+            raise ConfigError("pass either prompts, or prefix= and suffixes=, not both")
+        if isinstance(prompts, str) or not prompts:
+            raise ConfigError("prompts must be a non-empty list of strings or token id lists")
+        token_lists = [_tokens(adapter, p) for p in prompts]
+        trunk = _common_prefix(token_lists)
+        return _Plan(trunk=trunk, prompts=token_lists, handle=None)
+    if prefix is None or suffixes is None or isinstance(suffixes, str) or not suffixes:
+        raise ConfigError("pass prompts, or prefix= with a non-empty list of suffixes=")
+    handle = prefix if isinstance(prefix, ForkHandle) else None
+    trunk = list(handle.token_ids) if handle else adapter.prefix_token_ids(prefix)
+    return _Plan(trunk=trunk, prompts=[trunk + _suffix_tokens(llm, s) for s in suffixes], handle=handle)
+
+
+def _tokens(adapter: Any, prompt: Any) -> list[int]:
+    if isinstance(prompt, str):
+        return adapter.prefix_token_ids(prompt)  # as vLLM tokenizes a text prompt
+    if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    raise ConfigError("each prompt must be a string or a list of token ids")
+
+
+def _suffix_tokens(llm: Any, suffix: Any) -> list[int]:
+    if isinstance(suffix, str):
+        if not hasattr(llm, "get_tokenizer"):
+            raise ConfigError("this engine has no tokenizer to call: pass suffixes as token ids")
+        return list(llm.get_tokenizer().encode(suffix, add_special_tokens=False))
+    if isinstance(suffix, Sequence) and all(isinstance(t, int) for t in suffix):
+        return list(suffix)
+    raise ConfigError("each suffix must be a string or a list of token ids")
+
+
+def _common_prefix(token_lists: list[list[int]]) -> list[int]:
+    first = token_lists[0]
+    length = len(first)
+    for other in token_lists[1:]:
+        length = min(length, len(other))
+        for i in range(length):
+            if first[i] != other[i]:
+                length = i
+                break
+    return first[:length]
+
+
+def _params(llm: Any, sampling_params: Any, count: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        if not hasattr(llm, "get_default_sampling_params"):
+            raise ConfigError("pass sampling_params")
+        sampling_params = llm.get_default_sampling_params()
+    if isinstance(sampling_params, Sequence):
+        if len(sampling_params) != count:
+            raise ConfigError(f"{len(sampling_params)} sampling params for {count} branches")
+        return list(sampling_params)
+    return [sampling_params] * count
+
+
+# -- the parent engine --------------------------------------------------------------------------
+def _in_parent(llm: Any, plan: _Plan, params: list[SamplingParams], round_start: float) -> list[BranchResult]:
+    if not hasattr(llm, "llm_engine"):
+        raise ConfigError(
+            "without a pool, fork_completions runs the branches in a vllm.LLM; pass one or a pool"
+        )
+    from vllm import SamplingParams
+
+    cache = llm.llm_engine.vllm_config.cache_config
+    block_size = int(cache.block_size)
+    with engine_lock(llm):
+        if plan.handle is not None:
+            plan.handle.hydrate(llm)
+            reason = "no pool: ran in the parent engine, trunk loaded from the given snapshot"
+        elif not cache.enable_prefix_caching:
+            reason = "no pool, and prefix caching is off: every branch recomputes the trunk"
+        elif len(plan.trunk) < block_size:
+            reason = (
+                f"no pool: ran in the parent engine (the trunk is shorter than one {block_size}-token block)"
+            )
+        else:
+            # One pass over the trunk fills the prefix cache; branches in the same batch would
+            # otherwise each compute it (blocks are shared only once computed).
+            run_batch(llm, [plan.trunk], [SamplingParams(max_tokens=1, temperature=0.0)])
+            reason = "no pool: ran in the parent engine, whose prefix cache holds the trunk (no copy)"
+        trunk_s = time.perf_counter() - round_start
+        replies = run_batch(llm, plan.prompts, params)
+    results = []
+    for reply in replies:
+        timings = BranchTimings(
+            trunk_s=trunk_s,
+            ttft_s=reply["ttft_s"],
+            generate_s=reply["generate_s"],
+            first_token_s=trunk_s + reply["ttft_s"],
+            total_s=trunk_s + reply["generate_s"],
+        )
+        results.append(
+            _result(
+                reply,
+                worker="parent",
+                placement="parent",
+                reason=reason,
+                transport="prefix-cache",
+                attempts=1,
+                snapshot_id=None,
+                timings=timings,
+            )
+        )
+        logger.debug("branch %d: parent engine (%s)", reply["index"], reason)
+    return results
+
+
+# -- the pool --------------------------------------------------------------------------------------
+def _in_pool(
+    llm: Any,
+    plan: _Plan,
+    params: list[SamplingParams],
+    pool: ForkPool,
+    round_start: float,
+    timeout_s: float | None,
+) -> list[BranchResult]:
+    spec = pool.spec  # raises if the pool is not started
+    encoded = [encode_sampling(p) for p in params]
+    with engine_lock(llm):
+        if plan.handle is None:
+            _check(adapter_for(llm).kv_spec(), spec, "the parent engine")  # before computing anything
+        handle, owned = (plan.handle, None) if plan.handle else _fork_trunk(llm, plan.trunk, spec)
+    trunk_s = time.perf_counter() - round_start
+    shipment: Shipment | None = None
+    try:
+        if handle is not None:
+            _check(handle.spec, spec, f"the trunk snapshot {handle.path}")  # its manifest vs the workers
+            shipment = _ship(pool, handle)
+        ship_s = time.perf_counter() - round_start - trunk_s
+        jobs = [
+            {"index": i, "prompt_token_ids": p, "sampling": s}
+            for i, (p, s) in enumerate(zip(plan.prompts, encoded, strict=True))
+        ]
+        deadline = round_start + timeout_s if timeout_s is not None else None
+        outcome = dispatch(pool, jobs, shipment.ref if shipment else None, deadline)
+    finally:
+        if shipment is not None:
+            shipment.cleanup()
+        if owned is not None:
+            _release(owned)
+    return _collect(plan, outcome, handle, shipment, trunk_s, ship_s, round_start, pool)
+
+
+def _check(parent: KVSpec, workers: KVSpec, what: str) -> None:
+    try:
+        check_compatible(parent, workers)
+    except SnapshotMismatchError as exc:
+        raise SnapshotMismatchError(
+            exc.field,
+            exc.expected,
+            exc.actual,
+            hint=f"{what} differs from the pool's workers; start the pool with the parent's model and "
+            "engine overrides (dtype, block_size)",
+        ) from None
+
+
+def _fork_trunk(llm: Any, trunk: list[int], spec: KVSpec) -> tuple[ForkHandle | None, Path | None]:
+    """Snapshot the trunk; the file is removed after the round if this round created it."""
+    bs = spec.block_size
+    if len(trunk) < bs:
+        return None, None  # nothing to ship: the workers compute the short trunk themselves
+    keys = chain_keys(spec, trunk[: len(trunk) // bs * bs])
+    path = store_dir() / (snapshot_id(spec, keys[-1], trunk[len(keys) * bs :]) + SUFFIX)
+    with _STORE_LOCK:
+        if not path.exists() and not _STORE_REFS[path]:
+            _STORE_OWNED.add(path)
+        _STORE_REFS[path] += 1
+    try:
+        handle = fork(llm, trunk)
+    except BaseException:
+        _release(path)
+        raise
+    return handle, path
+
+
+def _release(path: Path) -> None:
+    with _STORE_LOCK:
+        _STORE_REFS[path] -= 1
+        if _STORE_REFS[path] > 0:
+            return
+        del _STORE_REFS[path]
+        if path in _STORE_OWNED:
+            _STORE_OWNED.discard(path)
+            path.unlink(missing_ok=True)
+
+
+def _ship(pool: ForkPool, handle: ForkHandle) -> Shipment:
+    if pool.transport == "ray":
+        from ._ray import ship_through_object_store
+
+        return ship_through_object_store(handle)
+    return ship(handle, pool.transport, pool.run_dir())
+
+
+def _collect(
+    plan: _Plan,
+    out: Outcome,
+    handle: ForkHandle | None,
+    shipment: Shipment | None,
+    trunk_s: float,
+    ship_s: float,
+    round_start: float,
+    pool: ForkPool,
+) -> list[BranchResult]:
+    transport = shipment.transport if shipment else "none"
+    results: list[BranchResult | None] = []
+    for index in range(len(plan.prompts)):
+        if index in out.failures:
+            results.append(None)
+            continue
+        task_reply, reply = out.replies[index]
+        worker = task_reply["worker"]
+        hydrate = task_reply["hydrate"] or {}
+        batch_s = task_reply["generate"]["generate_s"]
+        reply_s = task_reply["replied_at"] - round_start
+        reason = _reason(pool, out, index, worker, transport, handle)
+        timings = BranchTimings(
+            trunk_s=trunk_s,
+            ship_s=ship_s,
+            queue_s=task_reply["queue_s"],
+            hydrate_s=hydrate.get("hydrate_s", 0.0),
+            ttft_s=reply["ttft_s"],
+            generate_s=reply["generate_s"],
+            first_token_s=max(0.0, reply_s - (batch_s - reply["ttft_s"])),
+            total_s=reply_s,
+        )
+        results.append(
+            _result(
+                reply,
+                worker=worker,
+                placement="worker",
+                reason=reason,
+                transport=transport,
+                attempts=out.attempts[index],
+                snapshot_id=handle.id if handle else None,
+                timings=timings,
+            )
+        )
+        logger.debug("branch %d: %s (%s)", index, worker, reason)
+    if out.failures:
+        ordered = [out.failures[i] for i in sorted(out.failures)]
+        first = ordered[0]
+        first.failures = tuple(ordered)
+        first.results = results
+        raise first
+    return results  # type: ignore[return-value]
+
+
+def _reason(pool: ForkPool, out: Outcome, index: int, worker: str, transport: str, handle: Any) -> str:
+    trunk = (
+        f"trunk snapshot via {transport}"
+        if handle is not None
+        else "trunk shorter than one block: recomputed"
+    )
+    text = (
+        f"pool of {pool.size} {pool.backend} workers: round-robin placed it on {out.planned[index]}; {trunk}"
+    )
+    if index in out.history:
+        text += f"; moved to {worker} after " + "; then ".join(out.history[index])
+    return text
+
+
+def _result(reply: dict[str, Any], **fields: Any) -> BranchResult:
+    completions = tuple(
+        Completion(
+            index=c["index"],
+            text=c["text"],
+            token_ids=tuple(c["token_ids"]),
+            finish_reason=c["finish_reason"],
+            stop_reason=c.get("stop_reason"),
+        )
+        for c in reply["completions"]
+    )
+    return BranchResult(
+        index=reply["index"],
+        completions=completions,
+        num_prompt_tokens=reply["num_prompt_tokens"],
+        num_cached_tokens=reply["num_cached_tokens"],
+        **fields,
+    )

@@ -1,0 +1,151 @@
+"""The engine side of a pool worker: one vLLM engine, driven by plain-data requests.
+
+The same :class:`EngineService` runs inside a local worker process (``_worker.py``, JSON
+lines over pipes) and inside a Ray actor (``_ray.py``). :meth:`EngineService.handle`
+never raises: every failure comes back as an ``{"ok": false, "error": ...}`` reply that
+names the stage and, where known, the branch.
+
+Test hook: with ``THAW_AGENTS_POOL_TEST_HOOK=<dir>`` set, a worker about to generate claims
+``<dir>/hang`` (renames it to ``hang.<pid>``, so exactly one worker takes it) and sleeps the
+number of seconds written in it: the tests use it to make a worker hang, or to kill it
+mid-round. Nothing happens when the variable is unset.
+
+Example:
+    >>> service = EngineService("local-0")                                  # doctest: +SKIP
+    >>> service.handle({"id": 1, "op": "boot", "model": None, "overrides": {}})   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .._errors import ConfigError, EngineError
+from ._protocol import BranchJob, SnapshotRef, decode_sampling, error_data
+from ._runner import BatchTimeout, run_batch
+
+__all__ = ["TEST_HOOK_ENV", "EngineService"]
+
+logger = logging.getLogger(__name__)
+TEST_HOOK_ENV = "THAW_AGENTS_POOL_TEST_HOOK"
+
+
+class EngineService:
+    """One worker's engine and the handles of the snapshots it hydrated."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._llm: Any = None
+        self._spec: Any = None
+        self._handles: dict[str, Any] = {}
+
+    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Answer one request; failures become error replies, never exceptions."""
+        op = message.get("op", "")
+        reply: dict[str, Any] = {"id": message.get("id")}
+        try:
+            method = {"boot": self.boot, "hydrate": self.hydrate, "generate": self.generate}.get(op)
+            if method is None:
+                raise ConfigError(f"unknown pool operation {op!r}")
+            reply.update(method(message))
+            reply["ok"] = True
+        except Exception as exc:
+            logger.exception("pool worker %s: %s failed", self.name, op)
+            reply.update(ok=False, error=error_data(exc, stage=op))
+        return reply
+
+    # -- operations ----------------------------------------------------------------------
+    def boot(self, message: dict[str, Any]) -> dict[str, Any]:
+        from .. import _engine
+        from .._adapter import adapter_for
+
+        if self._llm is not None:
+            raise EngineError("this worker already runs an engine")
+        start = time.perf_counter()
+        self._llm = _engine.make_llm(message.get("model"), **dict(message.get("overrides") or {}))
+        self._spec = adapter_for(self._llm).kv_spec()
+        boot_s = time.perf_counter() - start
+        logger.info("pool worker %s: engine ready in %.1f s", self.name, boot_s)
+        return {"spec": self._spec.to_json(), "pid": os.getpid(), "boot_s": boot_s}
+
+    def hydrate(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Validate the snapshot against this engine and load it into the prefix cache."""
+        from .._fork import ForkHandle
+        from .._manifest import check_compatible
+
+        ref: SnapshotRef = message["snapshot"]
+        start = time.perf_counter()
+        handle = ForkHandle.load(ref["uri"])  # every header and checksum, before any byte is used
+        check_compatible(handle.spec, self._engine_spec(), path=str(handle.path))
+        cached = handle.hydrate(self._llm)
+        self._handles[ref["uri"]] = handle
+        hydrate_s = time.perf_counter() - start
+        logger.debug(
+            "pool worker %s: hydrated %s (%d tokens) in %.3f s", self.name, handle.id, cached, hydrate_s
+        )
+        return {"num_cached_tokens": cached, "hydrate_s": hydrate_s, "nbytes": handle.nbytes}
+
+    def generate(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Run the branches as one batch; each request also names the snapshot, so blocks
+        evicted since the hydrate are loaded again instead of recomputed."""
+        from .._fork import ForkHandle, with_fork
+
+        ref: SnapshotRef | None = message.get("snapshot")
+        handle = None
+        if ref:
+            handle = self._handles.pop(ref["uri"], None) or ForkHandle.load(ref["uri"], verify=False)
+        branches: list[BranchJob] = message["branches"]
+        params = []
+        for branch in branches:
+            sp = decode_sampling(branch["sampling"])
+            params.append(with_fork(sp, handle) if handle is not None else sp)
+        _test_hook(self.name)
+        start = time.perf_counter()
+        try:
+            replies = run_batch(
+                self._engine(),
+                [b["prompt_token_ids"] for b in branches],
+                params,
+                timeout_s=message.get("timeout_s"),
+            )
+        except BatchTimeout as exc:
+            raise BatchTimeout(f"generate ran past its timeout in the worker: {exc}") from None
+        for reply, branch in zip(replies, branches, strict=True):
+            reply["index"] = branch["index"]
+        return {"branches": replies, "generate_s": time.perf_counter() - start}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _engine(self) -> Any:
+        if self._llm is None:
+            raise EngineError("the worker has no engine yet (boot first)")
+        return self._llm
+
+    def _engine_spec(self) -> Any:
+        self._engine()
+        return self._spec
+
+    def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # the process is exiting anyway
+                logger.debug("pool worker %s: engine shutdown failed", self.name, exc_info=True)
+
+
+def _test_hook(name: str) -> None:
+    folder = os.environ.get(TEST_HOOK_ENV)
+    if not folder:
+        return
+    hang = Path(folder) / "hang"
+    claimed = Path(folder) / f"hang.{os.getpid()}"
+    try:
+        os.rename(hang, claimed)  # atomic: exactly one worker claims it
+    except OSError:
+        return
+    seconds = float(claimed.read_text().strip() or "3600")
+    logger.warning("pool worker %s: test hook sleeps %.0f s before generating", name, seconds)
+    time.sleep(seconds)
