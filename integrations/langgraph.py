@@ -1,11 +1,175 @@
-"""LangGraph helpers over ChatThaw (``fork_fanout`` and ``Send``-aware fan-out come here).
+"""LangGraph fan-out from a shared trunk: ``fork_fanout`` and ``fork_sends``.
 
-Example:
-    >>> from thaw_agents.integrations.langgraph import ChatThaw
+The trunk (shared messages) is computed and snapshotted once; every branch starts from its KV
+instead of prefilling it again. A fork travels through graph state as a plain string (its id),
+so checkpointers can serialise it; a branch resumed after the snapshot is gone falls back to
+prefill with a warning.
+
+Example (map-reduce with ``Send``, the way LangGraph users already write it):
+
+.. code-block:: python
+
+    import operator
+    from typing import Annotated, TypedDict
+
+    from langgraph.graph import END, START, StateGraph
+    from thaw_agents.integrations.langgraph import ChatThaw, fork_sends, trunk_of
+
+    llm = ChatThaw(temperature=0, max_tokens=128)
+    ASPECTS = ["security", "performance", "style", "correctness"]
+
+    class State(TypedDict):
+        diff: str
+        reviews: Annotated[list[str], operator.add]
+
+    def trunk(state: State) -> list:
+        return [("system", "You review pull requests."), ("human", state["diff"])]
+
+    def route(state: State):
+        return fork_sends(llm, trunk(state), "review", [{"aspect": a, "diff": state["diff"]} for a in ASPECTS])
+
+    def review(branch: dict) -> dict:
+        messages = trunk(branch) + [("human", f"Review only for {branch['aspect']}.")]
+        reply = llm.invoke(messages, fork=branch["fork"])
+        return {"reviews": [reply.content]}
+
+    graph = StateGraph(State).add_node("review", review)
+    graph = graph.add_conditional_edges(START, route, ["review"]).add_edge("review", END).compile()
+    graph.invoke({"diff": open("change.diff").read(), "reviews": []})
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
+from langgraph.types import Send
+
+import thaw_agents
+
 from .langchain import ChatThaw
 
-__all__ = ["ChatThaw"]
+__all__ = ["ChatThaw", "fork_fanout", "fork_fanout_sync", "fork_sends", "trunk_of"]
+
+logger = logging.getLogger(__name__)
+
+MessagesLike = Sequence[BaseMessage | tuple[str, str] | dict[str, Any] | str]
+
+
+def trunk_of(state: Mapping[str, Any] | Any, key: str = "messages") -> list[BaseMessage]:
+    """The messages of a dict, list or model state (a small convenience for routing functions)."""
+    if isinstance(state, Mapping):
+        value = state[key]
+    elif isinstance(state, Sequence):
+        value = state
+    else:
+        value = getattr(state, key)
+    return list(convert_to_messages(value))
+
+
+def _as_branch(suffix: str | MessagesLike) -> list[BaseMessage]:
+    if isinstance(suffix, str):
+        return [HumanMessage(suffix)]
+    return list(convert_to_messages(suffix))
+
+
+def _snapshot(llm: ChatThaw, prefix: list[BaseMessage]) -> thaw_agents.ForkHandle | None:
+    """Fork the trunk, or None (and a warning) when it cannot be snapshotted here."""
+    try:
+        return thaw_agents.fork(llm, prefix)
+    except thaw_agents.ThawError as exc:
+        logger.warning("fork_fanout: the trunk could not be snapshotted (%s); branches prefill", exc)
+        return None
+
+
+async def fork_fanout(
+    llm: ChatThaw,
+    prefix_messages: MessagesLike,
+    suffixes: Iterable[str | MessagesLike],
+    **params: Any,
+) -> list[AIMessage]:
+    """Run one branch per suffix from a shared trunk computed once; results in input order.
+
+    The trunk is snapshotted once; every branch is sent to the engine at the same time (its
+    continuous batching turns them into batched steps), each starting from the snapshot. Each
+    message's ``response_metadata`` says where it ran (``placement``) and from which fork, and
+    ``usage_metadata["input_token_details"]["cache_read"]`` how many prompt tokens were served
+    from cache or snapshot rather than prefilled.
+
+    Args:
+        llm: the ChatThaw to run on.
+        prefix_messages: the shared trunk.
+        suffixes: per branch, a human message text or a list of messages appended to the trunk.
+        **params: per-call sampling parameters for every branch (``max_tokens``, ``temperature``...).
+
+    Example:
+        >>> replies = await fork_fanout(llm, trunk, ["Security?", "Performance?"], max_tokens=64)  # doctest: +SKIP
+    """
+    prefix = list(convert_to_messages(prefix_messages))
+    branches = [_as_branch(s) for s in suffixes]
+    start = time.perf_counter()
+    handle = await asyncio.to_thread(_snapshot, llm, prefix)
+    fork_s = time.perf_counter() - start
+    placement = "engine"
+    reason = "the branches fit in the trunk's own engine; its prefix cache and the snapshot serve the trunk"
+    logger.debug("fork_fanout: %d branches on %s (%s)", len(branches), placement, reason)
+
+    async def run(branch: list[BaseMessage]) -> AIMessage:
+        started = time.perf_counter()
+        message = await llm.ainvoke([*prefix, *branch], fork=handle, **params)
+        message.response_metadata.update(
+            {
+                "placement": placement,
+                "placement_reason": reason,
+                "fork": handle.id if handle else None,
+                "branch_s": time.perf_counter() - started,
+                "fork_s": fork_s,
+            }
+        )
+        return message
+
+    return list(await asyncio.gather(*(run(b) for b in branches)))
+
+
+def fork_fanout_sync(
+    llm: ChatThaw, prefix_messages: MessagesLike, suffixes: Iterable[str | MessagesLike], **params: Any
+) -> list[AIMessage]:
+    """The synchronous twin of :func:`fork_fanout` (callable from any thread, even inside a loop).
+
+    Example:
+        >>> replies = fork_fanout_sync(llm, trunk, ["Security?", "Style?"])   # doctest: +SKIP
+    """
+    from ._runtime import runtime
+
+    return runtime.run(fork_fanout(llm, prefix_messages, list(suffixes), **params))
+
+
+def fork_sends(
+    llm: ChatThaw,
+    prefix_messages: MessagesLike,
+    node: str,
+    branch_args: Iterable[Mapping[str, Any]],
+    *,
+    fork_key: str = "fork",
+) -> list[Send]:
+    """``Send`` packets for a map step, after snapshotting the shared trunk once.
+
+    Use it as (or inside) the routing function of a conditional edge. Each packet is
+    ``Send(node, {**args, fork_key: <snapshot id>})``; the branch node passes that id to its
+    ChatThaw call (``llm.invoke(messages, fork=state["fork"])``), whose prompt starts with the
+    same trunk. The id is a plain string, so checkpointers serialise it; if the snapshot is
+    gone when a branch runs (a resume on another machine), the branch prefills with a warning.
+
+    Example:
+        >>> def route(state):                                                    # doctest: +SKIP
+        ...     return fork_sends(llm, trunk(state), "review",
+        ...                       [{"aspect": a, "diff": state["diff"]} for a in ASPECTS])
+    """
+    prefix = list(convert_to_messages(prefix_messages))
+    handle = _snapshot(llm, prefix)
+    fork_id = handle.id if handle else None
+    return [Send(node, {**dict(args), fork_key: fork_id}) for args in branch_args]
