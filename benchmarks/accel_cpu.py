@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 from _common import print_table, write_results
+
 from thaw_agents.accel import gather_blocks, scatter_blocks, staging_nbytes
 
 

@@ -346,7 +346,6 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
 def bench_host_limits(path: str, cached: Any, nbytes: int, reps: int, limits: dict[str, float]) -> list:
     """What the host alone can do: copy the file out of the page cache, and hash it."""
     from thaw_agents.accel import read_into
-
     from thaw_agents.weights_restore import _CHUNK_NBYTES, _NUM_READERS, _chunks, _Verifier
 
     manifest = cached.manifest

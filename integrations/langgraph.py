@@ -26,7 +26,8 @@ Example (map-reduce with ``Send``, the way LangGraph users already write it):
         return [("system", "You review pull requests."), ("human", state["diff"])]
 
     def route(state: State):
-        return fork_sends(llm, trunk(state), "review", [{"aspect": a, "diff": state["diff"]} for a in ASPECTS])
+        branches = [{"aspect": a, "diff": state["diff"]} for a in ASPECTS]
+        return fork_sends(llm, trunk(state), "review", branches)
 
     def review(branch: dict) -> dict:
         messages = trunk(branch) + [("human", f"Review only for {branch['aspect']}.")]
@@ -107,7 +108,7 @@ async def fork_fanout(
         **params: per-call sampling parameters for every branch (``max_tokens``, ``temperature``...).
 
     Example:
-        >>> replies = await fork_fanout(llm, trunk, ["Security?", "Performance?"], max_tokens=64)  # doctest: +SKIP
+        >>> replies = await fork_fanout(llm, trunk, ["Security?", "Style?"])  # doctest: +SKIP
     """
     prefix = list(convert_to_messages(prefix_messages))
     branches = [_as_branch(s) for s in suffixes]

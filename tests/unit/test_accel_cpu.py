@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+
 from thaw_agents.accel import BlockLayout, gather_blocks, scatter_blocks, staging_nbytes
 
 

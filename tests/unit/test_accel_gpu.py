@@ -186,6 +186,7 @@ def test_host_registration_and_aligned_pinned() -> None:
 
 def test_write_segments_from_gpu_and_read_back(tmp_path) -> None:
     import blake3
+
     from thaw_agents.accel import write_segments
 
     tensors = [torch.randn(n, device=DEV) for n in (3, 1 << 20, 5 << 18)]

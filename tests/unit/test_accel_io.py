@@ -8,6 +8,7 @@ import sys
 import blake3
 import pytest
 import torch
+
 from thaw_agents.accel import (
     AtomicFile,
     CupyMissingError,
