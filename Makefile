@@ -15,7 +15,7 @@ STAMP := $(VENV)/.thaw-installed-$(EXTRA)
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup model demo test test-fast lint format notebooks bench clean
+.PHONY: help setup model demo quickstart test test-fast lint format notebooks bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,7 +43,10 @@ setup: $(STAMP) ## create .venv and install the project (idempotent)
 model: setup ## prepare the default model (once, ~30 s)
 	$(BIN)/thaw-agents model prepare
 
-demo: model ## run the main demo on the default model
+demo: model ## the PR-review graph on the default model, thaw vs baseline
+	$(BIN)/python demos/pr_review_langgraph.py --mode both
+
+quickstart: model ## fork, save, hydrate in a fresh engine process
 	$(BIN)/python demos/quickstart.py
 
 test: model ## the whole test suite (README and CI run this)
