@@ -137,17 +137,20 @@ def print_comparison(runs: list[dict[str, Any]]) -> None:
         if mode in by_mode:
             run = by_mode[mode]
             prefilled = sum(b["prompt_tokens"] - b["cached_tokens"] for b in run["branches"])
-            ttfts = [b["ttft_s"] for b in run["branches"]]
+            mean_ms = sum(b["ttft_s"] for b in run["branches"]) / len(run["branches"]) * 1e3
             print(
-                f"{mode:<9} total {run['total_s']:6.2f} s   mean branch TTFT {sum(ttfts) / len(ttfts) * 1e3:7.1f} ms"
+                f"{mode:<9} total {run['total_s']:6.2f} s   mean branch TTFT {mean_ms:7.1f} ms"
                 f"   prompt tokens prefilled by branches {prefilled}"
             )
     if len(by_mode) == 2:
         base, thaw = by_mode["baseline"], by_mode["thaw"]
-        mean = lambda run: sum(b["ttft_s"] for b in run["branches"]) / len(run["branches"])  # noqa: E731
+        def mean(run: dict[str, Any]) -> float:
+            return sum(b["ttft_s"] for b in run["branches"]) / len(run["branches"])
+
         print(
             f"thaw / baseline: total {thaw['total_s'] / base['total_s']:.2f}x, "
-            f"mean branch TTFT {mean(thaw) / mean(base):.2f}x (thaw's total includes computing the trunk once)"
+            f"mean branch TTFT {mean(thaw) / mean(base):.2f}x "
+            "(thaw's total includes computing the trunk once)"
         )
     final = by_mode.get("thaw") or runs[-1]
     print()
