@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from _common import print_table, write_results
 
 TOPICS = ["the sea", "a library", "winter", "a train", "coffee", "a garden", "the moon", "a market"]
 
@@ -34,8 +34,9 @@ def _conversations() -> list[list[dict[str, str]]]:
 
 
 def bench_generate(args: argparse.Namespace) -> list[tuple[float, int]]:
-    import thaw_agents
     from vllm import SamplingParams
+
+    import thaw_agents
 
     llm = thaw_agents.make_llm(args.model, max_model_len=2048)
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=0.1 * i, seed=i) for i in range(8)]
