@@ -273,6 +273,28 @@ class TestLocalPool:
         assert isinstance(error.results[0], BranchResult) and error.results[1] is None
         assert all(w.state == "ready" for w in pool.workers)  # an engine error is not a dead worker
 
+    def test_a_trunk_shorter_than_a_block_is_not_shipped(self, parent, pool: ForkPool) -> None:
+        results = fork_completions(parent, ["Hi there, how are you", "Hi! Tell me a story"], GREEDY, pool)
+        assert {r.transport for r in results} == {"none"} and {r.snapshot_id for r in results} == {None}
+        assert all("recomputed" in r.reason and len(r.token_ids) == 16 for r in results)
+
+    def test_a_round_timeout_is_a_typed_error(self, parent, pool: ForkPool, hook: Path) -> None:
+        _arm_hang(hook, 4)  # shorter than the pool's own timeouts: only timeout_s can fire
+        start = time.monotonic()
+        with pytest.raises(PoolTimeoutError) as info:
+            fork_completions(
+                parent,
+                prefix=_trunk("deadlines"),
+                suffixes=SUFFIXES[:2],
+                sampling_params=GREEDY,
+                pool=pool,
+                timeout_s=1.5,
+            )
+        assert time.monotonic() - start < 4
+        assert info.value.stage == "round" and info.value.branch in (0, 1)
+        time.sleep(4)  # the sleeping worker wakes up and finishes its task; the pool stays whole
+        assert all(w.state == "ready" for w in pool.workers)
+
     def test_a_hung_worker_is_replaced_and_its_branch_retried(
         self, parent, pool: ForkPool, hook: Path
     ) -> None:

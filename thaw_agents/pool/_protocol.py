@@ -11,11 +11,14 @@ Parent to worker (every request carries an ``id``; the worker answers with the s
 Worker to parent::
 
     {"id": 1, "ok": true, "spec": {...KVSpec...}, "pid": 123, "boot_s": 7.1}
-    {"id": 2, "ok": true, "num_cached_tokens": 992, "hydrate_s": 0.04, "nbytes": N}
+    {"id": 2, "ok": true, "num_snapshot_tokens": 992, "hydrate_s": 0.01, "nbytes": N}
     {"id": 3, "ok": true, "generate_s": 3.2, "branches": [{"index": 0, "completions": [...],
      "num_cached_tokens": 992, "ttft_s": 0.05, "generate_s": 3.1}]}
     {"id": 9, "ok": false, "error": {"type": "SnapshotChecksumError", "message": "...",
      "stage": "hydrate", "branch": null}}
+
+``hydrate`` validates the snapshot against the worker's engine (every checksum, the KV spec);
+the KV blocks are copied into the cache by the first ``generate`` request that needs them.
 
 Sampling parameters travel as the non-default public fields of ``vllm.SamplingParams``
 (``msgspec.to_builtins``), rebuilt on the worker with ``msgspec.convert``: no pickle.

@@ -43,8 +43,9 @@ class BranchTimings:
         trunk_s: computing the trunk in the parent and writing its snapshot.
         ship_s: making the snapshot reachable by the workers (shared memory copy, upload, put).
         queue_s: from dispatch until the worker started this branch's task.
-        hydrate_s: the worker validating and loading the snapshot (0 in the parent).
-        ttft_s: from the branch's request entering its engine to its first token.
+        hydrate_s: the worker opening the snapshot: every checksum and the KV spec (0 in the parent).
+        ttft_s: from the branch's request entering its engine to its first token (for a worker,
+            copying the trunk's KV blocks into the cache is part of it).
         generate_s: from the branch's request entering its engine to its last token.
         first_token_s: from the start of the round to this branch's first token.
         total_s: from the start of the round until this branch's result was back.
@@ -77,6 +78,7 @@ class BranchResult:
             ``"store"``, ``"uri"``, ``"ray"``, or ``"none"`` (recomputed).
         attempts: 1, or 2 when the branch was retried after its worker died or hung.
         snapshot_id: the trunk snapshot's id, when one was taken.
+        snapshot_nbytes: KV bytes this branch's engine read from the snapshot (0 in the parent).
         timings: where the time went.
     """
 
@@ -90,6 +92,7 @@ class BranchResult:
     transport: str
     attempts: int = 1
     snapshot_id: str | None = None
+    snapshot_nbytes: int = 0
     timings: BranchTimings = BranchTimings()
 
     @property

@@ -349,6 +349,7 @@ def _collect(
                 transport=transport,
                 attempts=out.attempts[index],
                 snapshot_id=handle.id if handle else None,
+                snapshot_nbytes=int(hydrate.get("nbytes", 0)),
                 timings=timings,
             )
         )

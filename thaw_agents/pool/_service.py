@@ -72,25 +72,38 @@ class EngineService:
         return {"spec": self._spec.to_json(), "pid": os.getpid(), "boot_s": boot_s}
 
     def hydrate(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Validate the snapshot against this engine and load it into the prefix cache."""
+        """Open the snapshot for this engine: every header and checksum, then the KV spec.
+
+        No engine pass: the first branch request copies the blocks into the KV cache itself
+        (the connector loads synchronously, before that request's forward pass), and vLLM
+        registers them in its prefix cache as it allocates them, so the batch's other requests
+        reuse them. A separate one-token hydrate request would cost a whole engine step.
+        """
         from .._fork import ForkHandle
         from .._manifest import check_compatible
 
         ref: SnapshotRef = message["snapshot"]
         start = time.perf_counter()
-        handle = ForkHandle.load(ref["uri"])  # every header and checksum, before any byte is used
+        handle = ForkHandle.load(ref["uri"])  # reads and checksums every byte before any is used
         check_compatible(handle.spec, self._engine_spec(), path=str(handle.path))
-        cached = handle.hydrate(self._llm)
         self._handles[ref["uri"]] = handle
         hydrate_s = time.perf_counter() - start
         logger.debug(
-            "pool worker %s: hydrated %s (%d tokens) in %.3f s", self.name, handle.id, cached, hydrate_s
+            "pool worker %s: opened %s (%d blocks) in %.3f s",
+            self.name,
+            handle.id,
+            handle.num_blocks,
+            hydrate_s,
         )
-        return {"num_cached_tokens": cached, "hydrate_s": hydrate_s, "nbytes": handle.nbytes}
+        return {
+            "num_snapshot_tokens": handle.num_snapshot_tokens,
+            "hydrate_s": hydrate_s,
+            "nbytes": handle.nbytes,
+        }
 
     def generate(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Run the branches as one batch; each request also names the snapshot, so blocks
-        evicted since the hydrate are loaded again instead of recomputed."""
+        """Run the branches as one batch; every request names the snapshot, so whichever
+        request needs a block first loads it and the others find it in the prefix cache."""
         from .._fork import ForkHandle, with_fork
 
         ref: SnapshotRef | None = message.get("snapshot")
