@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -25,6 +25,14 @@ import thaw_agents
 
 from . import _runtime
 from ._messages import to_chat_dicts, with_tools
+from ._request import (
+    SAMPLING_FIELDS,
+    is_validation_error,
+    local_tokenizer,
+    prompt_token_ids,
+    resolve_fork,
+    sampling_params,
+)
 from ._structured import structured_output_runnable
 from ._tools import forced_call_schema, parse_forced_call, parse_tool_calls
 
@@ -232,66 +240,7 @@ class ChatThaw(BaseChatModel):
 
     # -- request building -----------------------------------------------------------------
     def _default_sampling(self) -> dict[str, Any]:
-        fields = (
-            "temperature",
-            "max_tokens",
-            "top_p",
-            "top_k",
-            "seed",
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-        )
-        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
-
-    def _sampling_params(self, stop: list[str] | None, kwargs: dict[str, Any], structured: Any) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-
-        values = self._default_sampling()
-        for name in (
-            "temperature",
-            "max_tokens",
-            "top_p",
-            "top_k",
-            "seed",
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-        ):
-            if kwargs.get(name) is not None:
-                values[name] = kwargs[name]
-        stops = stop if stop is not None else kwargs.get("stop", self.stop)
-        try:
-            if structured is not None:
-                values["structured_outputs"] = StructuredOutputsParams(**structured)
-            params = SamplingParams(**values, stop=list(stops or []), output_kind=RequestOutputKind.DELTA)
-        except Exception as exc:
-            if not _is_validation_error(exc):
-                raise
-            raise thaw_agents.ConfigError(f"invalid sampling parameters: {exc}") from exc
-        return params
-
-    async def _prompt_ids(self, handle: _runtime.EngineHandle, chat: list[dict[str, Any]]) -> list[int]:
-        from vllm.renderers import ChatParams
-
-        _, prompts = await handle.engine.renderer.render_chat_async(
-            [chat], ChatParams(chat_template_kwargs={"add_generation_prompt": True})
-        )
-        return list(prompts[0]["prompt_token_ids"])
-
-    @staticmethod
-    def _resolve_fork(fork: Any) -> thaw_agents.ForkHandle | None:
-        if fork is None or isinstance(fork, thaw_agents.ForkHandle):
-            return fork
-        try:
-            return thaw_agents.ForkHandle.from_id(str(fork))
-        except thaw_agents.SnapshotError as exc:
-            warnings.warn(
-                f"snapshot {fork} is not available ({exc}); prefilling instead", RuntimeWarning, stacklevel=4
-            )
-            logger.warning("fork %s unavailable, prefilling: %s", fork, exc)
-            return None
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
 
     # -- the one streaming code path ------------------------------------------------------
     async def _chunks(
@@ -309,9 +258,9 @@ class ChatThaw(BaseChatModel):
         if tools and tool_choice != "none":
             chat = with_tools(chat, tools)
         try:
-            prompt_ids = await self._prompt_ids(handle, chat)
+            prompt_ids = await prompt_token_ids(handle.engine, chat)
         except Exception as exc:  # vLLM validates the context length while rendering
-            if not _is_validation_error(exc):
+            if not is_validation_error(exc):
                 raise
             raise thaw_agents.ConfigError(f"the messages cannot be sent to the engine: {exc}") from exc
         max_tokens = kwargs.get("max_tokens", self.max_tokens) or 0
@@ -320,8 +269,13 @@ class ChatThaw(BaseChatModel):
                 f"the prompt has {len(prompt_ids)} tokens and asks for {max_tokens} more, beyond the "
                 f"engine's context of {handle.max_model_len}; shorten the messages or lower max_tokens"
             )
-        params = self._sampling_params(stop, kwargs, structured)
-        fork = self._resolve_fork(kwargs.get("fork", self.fork))
+        params = sampling_params(
+            self._default_sampling(),
+            stop if stop is not None else kwargs.get("stop", self.stop),
+            kwargs,
+            structured,
+        )
+        fork = resolve_fork(kwargs.get("fork", self.fork))
         if fork is not None:
             if tuple(prompt_ids[: fork.num_tokens]) == fork.token_ids:
                 params = thaw_agents.with_fork(params, fork)
@@ -368,7 +322,7 @@ class ChatThaw(BaseChatModel):
         except Exception as exc:
             if type(exc).__name__ == "EngineDeadError":
                 raise thaw_agents.EngineError(f"the vLLM engine died: {exc}; create a new ChatThaw") from exc
-            if _is_validation_error(exc):
+            if is_validation_error(exc):
                 raise thaw_agents.ConfigError(f"vLLM refused the request: {exc}") from exc
             raise
         if finish_reason == "error":
@@ -396,7 +350,7 @@ class ChatThaw(BaseChatModel):
                     text, tools, handle.engine.get_tokenizer(), self.tool_parser
                 )
             chunks = [
-                tool_call_chunk(name=c["name"], args=_json(c["args"]), id=c["id"], index=i)
+                tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
                 for i, c in enumerate(calls)
             ]
             if invalid:
@@ -487,28 +441,13 @@ class ChatThaw(BaseChatModel):
     # -- tokens ---------------------------------------------------------------------------
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids from the model's own tokenizer (never a download)."""
-        return list(_tokenizer(self._engine_args()["model"]).encode(text))
+        return list(local_tokenizer(self._engine_args()["model"]).encode(text))
 
     # -- forks ----------------------------------------------------------------------------
     def _thaw_adapter(self) -> Any:
         from ._fork_adapter import ChatThawAdapter
 
         return ChatThawAdapter(self)
-
-
-def _is_validation_error(exc: BaseException) -> bool:
-    """vLLM's validation errors (not ValueError subclasses in 0.32) and plain ValueError/TypeError."""
-    try:
-        from vllm.exceptions import VLLMValidationError
-    except ImportError:  # pragma: no cover - older vLLM
-        VLLMValidationError = ValueError
-    return isinstance(exc, (ValueError, TypeError, VLLMValidationError))
-
-
-def _json(args: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(args)
 
 
 def _aggregate(chunks: Iterator[ChatGenerationChunk]) -> ChatResult:
@@ -531,14 +470,3 @@ def _aggregate(chunks: Iterator[ChatGenerationChunk]) -> ChatResult:
         id=message.id,
     )
     return ChatResult(generations=[ChatGeneration(message=ai, generation_info=final.generation_info)])
-
-
-_TOKENIZERS: dict[str, Any] = {}
-
-
-def _tokenizer(model: str) -> Any:
-    if model not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
-        _TOKENIZERS[model] = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    return _TOKENIZERS[model]

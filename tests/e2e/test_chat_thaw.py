@@ -100,12 +100,12 @@ def test_tool_parser_reads_scripted_text(chat: ChatThaw) -> None:
     from thaw_agents.integrations._tools import parse_tool_calls
 
     tools = [convert_to_openai_tool(get_weather)]
-    from thaw_agents.integrations.langchain import _tokenizer
+    from thaw_agents.integrations._request import local_tokenizer
 
     call = '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}'
     text = f"Let me check.<tool_call>{call}</tool_call>"
     content, calls, invalid = parse_tool_calls(
-        text, tools, _tokenizer(chat._engine_args()["model"]), "hermes"
+        text, tools, local_tokenizer(chat._engine_args()["model"]), "hermes"
     )
     assert calls[0]["name"] == "get_weather" and calls[0]["args"] == {"city": "Oslo", "unit": "celsius"}
     assert invalid == [] and "Let me check." in content

@@ -1,0 +1,97 @@
+"""Building one engine request for ChatThaw: sampling parameters, prompt tokens, the fork."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import thaw_agents
+
+__all__ = ["is_validation_error", "local_tokenizer", "prompt_token_ids", "resolve_fork", "sampling_params"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_validation_error(exc: BaseException) -> bool:
+    """vLLM's validation errors (not ValueError subclasses in 0.32) and plain ValueError/TypeError."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # pragma: no cover - older vLLM
+        VLLMValidationError = ValueError
+    return isinstance(exc, (ValueError, TypeError, VLLMValidationError))
+
+
+def sampling_params(
+    defaults: dict[str, Any], stop: list[str] | None, overrides: dict[str, Any], structured: Any
+) -> Any:
+    """``vllm.SamplingParams`` streaming deltas; per-call values override the instance's defaults.
+
+    Raises:
+        ConfigError: a value vLLM refuses (a temperature below 0, ...).
+    """
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    values = dict(defaults)
+    for name in defaults.keys() | overrides.keys():
+        if name in _FIELDS and overrides.get(name) is not None:
+            values[name] = overrides[name]
+    try:
+        if structured is not None:
+            values["structured_outputs"] = StructuredOutputsParams(**structured)
+        return SamplingParams(**values, stop=list(stop or []), output_kind=RequestOutputKind.DELTA)
+    except Exception as exc:
+        if not is_validation_error(exc):
+            raise
+        raise thaw_agents.ConfigError(f"invalid sampling parameters: {exc}") from exc
+
+
+_FIELDS = frozenset(
+    {
+        "temperature",
+        "max_tokens",
+        "top_p",
+        "top_k",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    }
+)
+
+
+async def prompt_token_ids(engine: Any, chat: list[dict[str, Any]]) -> list[int]:
+    """The prompt's tokens as vLLM's chat path renders them (with the generation prompt)."""
+    from vllm.renderers import ChatParams
+
+    _, prompts = await engine.renderer.render_chat_async(
+        [chat], ChatParams(chat_template_kwargs={"add_generation_prompt": True})
+    )
+    return list(prompts[0]["prompt_token_ids"])
+
+
+def resolve_fork(fork: Any) -> thaw_agents.ForkHandle | None:
+    """A handle from a handle or an id; None (and a warning) when the snapshot is gone."""
+    if fork is None or isinstance(fork, thaw_agents.ForkHandle):
+        return fork
+    try:
+        return thaw_agents.ForkHandle.from_id(str(fork))
+    except thaw_agents.SnapshotError as exc:
+        warnings.warn(
+            f"snapshot {fork} is not available ({exc}); prefilling instead", RuntimeWarning, stacklevel=5
+        )
+        logger.warning("fork %s unavailable, prefilling: %s", fork, exc)
+        return None
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def local_tokenizer(model: str) -> Any:
+    """The model's own tokenizer from its local files (never a download)."""
+    if model not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[model] = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    return _TOKENIZERS[model]
