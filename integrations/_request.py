@@ -8,7 +8,26 @@ from typing import Any
 
 import thaw_agents
 
-__all__ = ["is_validation_error", "local_tokenizer", "prompt_token_ids", "resolve_fork", "sampling_params"]
+# Fields that map one to one onto vllm.SamplingParams, settable per ChatThaw and per call.
+SAMPLING_FIELDS = (
+    "temperature",
+    "max_tokens",
+    "top_p",
+    "top_k",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+__all__ = [
+    "SAMPLING_FIELDS",
+    "is_validation_error",
+    "local_tokenizer",
+    "prompt_token_ids",
+    "resolve_fork",
+    "sampling_params",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +54,7 @@ def sampling_params(
 
     values = dict(defaults)
     for name in defaults.keys() | overrides.keys():
-        if name in _FIELDS and overrides.get(name) is not None:
+        if name in SAMPLING_FIELDS and overrides.get(name) is not None:
             values[name] = overrides[name]
     try:
         if structured is not None:
@@ -45,20 +64,6 @@ def sampling_params(
         if not is_validation_error(exc):
             raise
         raise thaw_agents.ConfigError(f"invalid sampling parameters: {exc}") from exc
-
-
-_FIELDS = frozenset(
-    {
-        "temperature",
-        "max_tokens",
-        "top_p",
-        "top_k",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-    }
-)
 
 
 async def prompt_token_ids(engine: Any, chat: list[dict[str, Any]]) -> list[int]:
