@@ -91,6 +91,8 @@ async def fork_fanout(
     llm: ChatThaw,
     prefix_messages: MessagesLike,
     suffixes: Iterable[str | MessagesLike],
+    *,
+    pool: thaw_agents.ForkPool | None = None,
     **params: Any,
 ) -> list[AIMessage]:
     """Run one branch per suffix from a shared trunk computed once; results in input order.
@@ -105,6 +107,9 @@ async def fork_fanout(
         llm: the ChatThaw to run on.
         prefix_messages: the shared trunk.
         suffixes: per branch, a human message text or a list of messages appended to the trunk.
+        pool: a started :class:`thaw_agents.ForkPool` (same model and KV layout): the branches
+            run on its warm workers, which load the trunk from the snapshot. Without one, or for
+            calls with tools or structured output, they run in ``llm``'s own engine.
         **params: per-call sampling parameters for every branch (``max_tokens``, ``temperature``...).
 
     Example:
@@ -115,8 +120,14 @@ async def fork_fanout(
     start = time.perf_counter()
     handle = await asyncio.to_thread(_snapshot, llm, prefix)
     fork_s = time.perf_counter() - start
+    if pool is not None and handle is not None and not ({"tools", "structured_outputs"} & params.keys()):
+        pooled = await _on_pool(llm, pool, handle, prefix, branches, params, fork_s)
+        if pooled is not None:
+            return pooled
     placement = "engine"
     reason = "the branches fit in the trunk's own engine; its prefix cache and the snapshot serve the trunk"
+    if pool is not None:
+        reason = "a pool is attached, but these calls need the parent engine (tools, structured output)"
     logger.debug("fork_fanout: %d branches on %s (%s)", len(branches), placement, reason)
 
     async def run(branch: list[BaseMessage]) -> AIMessage:
@@ -137,7 +148,12 @@ async def fork_fanout(
 
 
 def fork_fanout_sync(
-    llm: ChatThaw, prefix_messages: MessagesLike, suffixes: Iterable[str | MessagesLike], **params: Any
+    llm: ChatThaw,
+    prefix_messages: MessagesLike,
+    suffixes: Iterable[str | MessagesLike],
+    *,
+    pool: thaw_agents.ForkPool | None = None,
+    **params: Any,
 ) -> list[AIMessage]:
     """The synchronous twin of :func:`fork_fanout` (callable from any thread, even inside a loop).
 
@@ -146,7 +162,82 @@ def fork_fanout_sync(
     """
     from ._runtime import runtime
 
-    return runtime.run(fork_fanout(llm, prefix_messages, list(suffixes), **params))
+    return runtime.run(fork_fanout(llm, prefix_messages, list(suffixes), pool=pool, **params))
+
+
+class _PoolParent:
+    """A hashable stand-in for a ChatThaw as the pool's parent engine (the handle is given)."""
+
+    def __init__(self, chat: ChatThaw) -> None:
+        self._chat = chat
+
+    def _thaw_adapter(self) -> Any:
+        return self._chat._thaw_adapter()
+
+
+async def _on_pool(
+    llm: ChatThaw,
+    pool: thaw_agents.ForkPool,
+    handle: thaw_agents.ForkHandle,
+    prefix: list[BaseMessage],
+    branches: list[list[BaseMessage]],
+    params: dict[str, Any],
+    fork_s: float,
+) -> list[AIMessage] | None:
+    """Run the branches on the pool's workers; None when they must run in the parent instead."""
+    from vllm import SamplingParams
+
+    from ._messages import to_chat_dicts
+    from ._request import SAMPLING_FIELDS, prompt_token_ids
+
+    engine = (await llm._handle()).engine
+    suffixes: list[list[int]] = []
+    for branch in branches:
+        ids = await prompt_token_ids(engine, to_chat_dicts([*prefix, *branch]))
+        if tuple(ids[: handle.num_tokens]) != handle.token_ids:
+            logger.warning("fork_fanout: a branch does not start with the trunk's tokens; using the engine")
+            return None
+        suffixes.append(ids[handle.num_tokens :])
+    values = llm._default_sampling()
+    values.update({k: v for k, v in params.items() if k in SAMPLING_FIELDS and v is not None})
+    stop = params.get("stop", llm.stop)
+    sampling = SamplingParams(**values, stop=list(stop or []))
+    results = await asyncio.to_thread(
+        thaw_agents.fork_completions,
+        _PoolParent(llm),
+        prefix=handle,
+        suffixes=suffixes,
+        sampling_params=sampling,
+        pool=pool,
+    )
+    messages = []
+    for result in results:
+        completion = result.completions[0]
+        output = len(completion.token_ids)
+        messages.append(
+            AIMessage(
+                content=completion.text,
+                usage_metadata={
+                    "input_tokens": result.num_prompt_tokens,
+                    "output_tokens": output,
+                    "total_tokens": result.num_prompt_tokens + output,
+                    "input_token_details": {"cache_read": result.num_cached_tokens},
+                },
+                response_metadata={
+                    "model_name": llm.model_name,
+                    "model_provider": "thaw",
+                    "finish_reason": completion.finish_reason,
+                    "placement": "pool",
+                    "worker": result.worker,
+                    "placement_reason": result.reason,
+                    "fork": handle.id,
+                    "fork_s": fork_s,
+                    "ttft_s": result.timings.ttft_s,
+                },
+            )
+        )
+    logger.debug("fork_fanout: %d branches on the pool", len(messages))
+    return messages
 
 
 def fork_sends(

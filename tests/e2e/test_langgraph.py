@@ -160,3 +160,19 @@ def test_eight_concurrent_graphs_have_no_cross_talk(tiny_fp32: ChatThaw) -> None
     concurrent = [[m.content for m in replies] for replies in asyncio.run(all_of_them())]
     assert concurrent == solo
     assert len({tuple(x) for x in solo}) > 1  # the branches really differ
+
+
+def test_fork_fanout_places_branches_on_an_attached_pool(tiny_fp32: ChatThaw) -> None:
+    """With a pool attached the branches run on its workers from the snapshot: same answers."""
+    trunk = [SystemMessage("Pool case: " + "shared context words " * 60)]
+    suffixes = ["First question.", "Second question."]
+    solo = [tiny_fp32.invoke([*trunk, HumanMessage(s)]).content for s in suffixes]
+    engine_args = tiny_fp32.engine_kwargs
+    with thaw_agents.ForkPool(model=tiny_fp32.model, workers=1, **engine_args) as pool:
+        replies = fork_fanout_sync(tiny_fp32, trunk, suffixes, pool=pool)
+    assert [r.response_metadata["placement"] for r in replies] == ["pool", "pool"]
+    assert all(r.response_metadata["worker"].startswith("local-") for r in replies)
+    snapshot_tokens = thaw_agents.fork(tiny_fp32, trunk).num_snapshot_tokens
+    # Every branch is served mostly from the snapshot (the worker may recompute a trailing block).
+    assert all(r.usage_metadata["input_token_details"]["cache_read"] >= snapshot_tokens - 32 for r in replies)
+    assert [r.content for r in replies] == solo
