@@ -39,6 +39,7 @@ def run_phase(script: str, args: Sequence[str], *, timeout: float = 900) -> dict
         env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         load_before = os.getloadavg()[0]
+        started = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as exc:
@@ -48,6 +49,7 @@ def run_phase(script: str, args: Sequence[str], *, timeout: float = 900) -> dict
             raise PhaseError(f"phase {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
         result = json.loads(out.read_text())
         result["load_avg"] = [load_before, os.getloadavg()[0]]
+        result["process_s"] = time.perf_counter() - started
         return result
 
 
@@ -90,6 +92,7 @@ def timed_generate(
     first: dict[str, float] = {}
     tokens: dict[str, list[int]] = {rid: [] for rid in ids}
     final: dict[str, Any] = {}
+    done: dict[str, float] = {}
     start = time.perf_counter()
     for rid, engine_input, sampling in zip(ids, inputs, params, strict=True):
         sampling = copy.deepcopy(sampling)
@@ -104,6 +107,7 @@ def timed_generate(
             tokens[rid].extend(new)
             if output.finished:
                 final[rid] = output
+                done[rid] = time.perf_counter() - start
     wall = time.perf_counter() - start
     tokenizer = llm.get_tokenizer()
     rows = []
@@ -115,6 +119,7 @@ def timed_generate(
         rows.append(
             {
                 "ttft_s": first.get(rid, wall),
+                "total_s": done[rid],
                 "prompt_tokens": len(prompt),
                 "cached_tokens": cached,
                 "prefilled_tokens": len(prompt) - cached,

@@ -119,13 +119,14 @@ async def _branches(llm: Any, trunk: list, approaches: list[str], handle: Any) -
     return list(await asyncio.gather(*(one(a) for a in approaches)))
 
 
-def run_mode(args: argparse.Namespace) -> dict[str, Any]:
+def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """One mode on its own engine, in this (fresh) process."""
     from langchain_core.messages import convert_to_messages
 
     import thaw_agents
     from thaw_agents.integrations.langchain import ChatThaw
 
-    thaw = args.phase == "thaw"
+    thaw = mode == "thaw"
     engine_kwargs = {**_demo.ENGINE_KWARGS, "kv_cache_memory_bytes": args.kv_cache_mib << 20}
     if not thaw:
         engine_kwargs["enable_prefix_caching"] = False  # every branch prefills its full prompt
@@ -135,7 +136,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     try:
         started = time.perf_counter()
         llm.invoke(_demo.WARM_UP_TEXT, max_tokens=2)  # starts the engine; nothing below is cold
-        result: dict[str, Any] = {"mode": args.phase, "engine_start_s": time.perf_counter() - started}
+        result: dict[str, Any] = {"mode": mode, "engine_start_s": time.perf_counter() - started}
         trunk = convert_to_messages(trunk_messages())
         approaches = list(APPROACHES[: args.branches])
         started = time.perf_counter()
@@ -186,6 +187,18 @@ def static_note(code: str) -> str:
     return "" if FUNCTION in names else f"no {FUNCTION}()"
 
 
+# Runs pytest in the candidate's process after capping its memory, file sizes and CPU time: one
+# candidate of the default model multiplied every character by 10**9.
+LAUNCHER = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 24, 1 << 24))
+resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
+import pytest
+sys.exit(pytest.main(sys.argv[1:]))
+"""
+
+
 def score(code: str, timeout: float) -> dict[str, Any]:
     """Run the test suite against ``code`` in a scratch directory, in a subprocess."""
     total = (DATA / "palindrome_tests.py").read_text().count("\ndef test_")
@@ -203,7 +216,7 @@ def score(code: str, timeout: float) -> dict[str, Any]:
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
         }
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml=report.xml"]
+        cmd = [sys.executable, "-c", LAUNCHER, "-q", "-p", "no:cacheprovider", "--junitxml=report.xml"]
         try:
             subprocess.run(
                 [*cmd, "test_solution.py"],
@@ -230,9 +243,11 @@ def score(code: str, timeout: float) -> dict[str, Any]:
 
 def score_all(runs: dict[str, dict[str, Any]], timeout: float) -> None:
     jobs = [(branch, extract_code(branch["text"])) for run in runs.values() for branch in run["branches"]]
+    unique = sorted({code for _, code in jobs})  # both modes often write the same code: test it once
     with ThreadPoolExecutor(max_workers=2) as pool:
-        scores = list(pool.map(lambda job: score(job[1], timeout), jobs))
-    for (branch, code), result in zip(jobs, scores, strict=True):
+        scores = dict(zip(unique, pool.map(lambda code: score(code, timeout), unique), strict=True))
+    for branch, code in jobs:
+        result = scores[code]
         branch["code"] = code
         branch.update(result)
         branch["pass_rate"] = result["passed"] / result["total"] if result["total"] else 0.0
@@ -327,7 +342,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a Hugging Face folder or id (default: SmolLM2-135M)")
     parser.add_argument("--small", action="store_true", help="a reduced size for smoke tests")
     parser.add_argument("--branches", type=int, help=f"approaches (default {len(APPROACHES)}; --small 3)")
-    parser.add_argument("--max-tokens", type=int, help="tokens per candidate (default 256; --small 128)")
+    parser.add_argument("--max-tokens", type=int, help="tokens per candidate (default 256; --small 64)")
     parser.add_argument("--test-timeout", type=float, default=30.0, help="seconds per candidate's tests")
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine (default 512)")
     parser.add_argument("--json", help="write the results (both modes, scores, ranking) to this JSON file")
@@ -335,9 +350,9 @@ def main() -> None:
     parser.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.branches = min(args.branches or (3 if args.small else len(APPROACHES)), len(APPROACHES))
-    args.max_tokens = args.max_tokens or (128 if args.small else 256)
+    args.max_tokens = args.max_tokens or (64 if args.small else 256)
     if args.phase:
-        _demo.write_json(args.phase_out, run_mode(args))
+        _demo.write_json(args.phase_out, run_mode(args, args.phase))
         return
 
     common = [f"--branches={args.branches}", f"--max-tokens={args.max_tokens}"]

@@ -140,6 +140,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
             fork_start = time.perf_counter()
             handle = thaw_agents.fork(llm, trunk)
             result["fork_trunk"] = {
+                "id": handle.id,
                 "s": time.perf_counter() - fork_start,
                 "prefilled_tokens": len(trunk),  # a fresh engine: nothing of the trunk was cached
                 "snapshot_tokens": handle.num_snapshot_tokens,
@@ -182,7 +183,8 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
                 "new_tokens": len(pivot_prompt) - handle.num_snapshot_tokens,
                 "snapshot_tokens": child.num_snapshot_tokens,
                 "files": len(child.paths),
-                "parent": handle.id,
+                "id": child.id,
+                "parent": child.manifests[-1].parent.snapshot_id if child.manifests[-1].parent else None,
                 "chain": [p.name for p in child.paths],
                 "bytes_own": child.manifests[-1].container.payload_nbytes,
             }
@@ -342,17 +344,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a Hugging Face folder or id (default: SmolLM2-135M)")
     parser.add_argument("--small", action="store_true", help="a reduced size for smoke tests")
-    parser.add_argument("--rollouts", type=int, help="rollouts from the trunk (default 16; --small 4)")
-    parser.add_argument("--pivot-rollouts", type=int, help="rollouts from the pivot (default 8; --small 4)")
-    parser.add_argument("--max-tokens", type=int, help="tokens per rollout (default 80; --small 48)")
+    parser.add_argument("--rollouts", type=int, help="rollouts from the trunk (default 16; --small 3)")
+    parser.add_argument("--pivot-rollouts", type=int, help="rollouts from the pivot (default 8; --small 2)")
+    parser.add_argument("--max-tokens", type=int, help="tokens per rollout (default 80; --small 32)")
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine (default 512)")
     parser.add_argument("--json", help="write the results (both modes) to this JSON file")
     parser.add_argument("--phase", choices=("thaw", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.rollouts = args.rollouts or (4 if args.small else 16)
-    args.pivot_rollouts = args.pivot_rollouts or (4 if args.small else 8)
-    args.max_tokens = args.max_tokens or (48 if args.small else 80)
+    args.rollouts = args.rollouts or (3 if args.small else 16)
+    args.pivot_rollouts = args.pivot_rollouts or (2 if args.small else 8)
+    args.max_tokens = args.max_tokens or (32 if args.small else 80)
     if args.phase:
         _demo.write_json(args.phase_out, run_mode(args))
         return

@@ -1,0 +1,98 @@
+"""The demos run end to end at their reduced size, and the numbers in their tables make sense.
+
+Each demo runs as a script in a subprocess (as a user runs it: its modes in fresh engine
+processes), writes its results with ``--json``, and prints its tables. Thaw modes must serve
+prompt tokens from the snapshot or cache; baselines must serve none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+DEMOS = Path(__file__).resolve().parents[2] / "demos"
+
+
+def run_demo(name: str, tmp_path: Path, *extra: str, timeout: float = 240) -> tuple[dict[str, Any], str]:
+    out = tmp_path / f"{name}.json"
+    env = {**os.environ, "THAW_AGENTS_STORE": str(tmp_path / "store")}
+    proc = subprocess.run(
+        [sys.executable, str(DEMOS / f"{name}.py"), "--small", "--json", str(out), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    store = tmp_path / "store"
+    leftovers = sorted(store.glob("*.thaw")) if store.exists() else []
+    assert not leftovers, f"the demo left snapshots in the store: {leftovers}"
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_parallel_agents(tmp_path: Path) -> None:
+    results, stdout = run_demo("parallel_agents", tmp_path)
+    thaw, base = results["thaw"], results["baseline"]
+    assert len(thaw["branches"]) == len(base["branches"]) == 3
+    assert thaw["fork"]["snapshot_tokens"] > 0
+    for t, b in zip(thaw["branches"], base["branches"], strict=True):
+        assert t["prompt_tokens"] == b["prompt_tokens"] > thaw["fork"]["snapshot_tokens"]
+        assert t["cached_tokens"] >= thaw["fork"]["snapshot_tokens"] > 0
+        assert t["prefilled_tokens"] == t["prompt_tokens"] - t["cached_tokens"]
+        assert b["cached_tokens"] == 0 and b["prefilled_tokens"] == b["prompt_tokens"]
+        assert t["fork"] == thaw["fork"]["id"] and b["fork"] is None
+        assert t["ttft_s"] > 0 and b["ttft_s"] > 0
+    ranking = results["ranking"]
+    assert len(ranking) == 3
+    assert all(0 <= c["passed"] <= c["total"] == 6 for c in ranking)
+    rates = [c["pass_rate"] for c in ranking]
+    assert rates == sorted(rates, reverse=True)
+    assert "ranking of the thaw run's candidates by pass rate" in stdout
+    assert "thaw vs baseline" in stdout
+
+
+def test_rl_rollout_simulator(tmp_path: Path) -> None:
+    results, stdout = run_demo("rl_rollout_simulator", tmp_path)
+    thaw, base = results["thaw"], results["baseline"]
+    trunk_fork, pivot_fork = thaw["fork_trunk"], thaw["fork_pivot"]
+    assert trunk_fork["snapshot_tokens"] > 0 and trunk_fork["files"] == 1
+    # The pivot is a fork of the trunk's fork: a two-file chain whose root is the trunk snapshot.
+    assert pivot_fork["files"] == 2
+    assert pivot_fork["parent"] == trunk_fork["id"]
+    assert pivot_fork["chain"][0].startswith(trunk_fork["id"])
+    assert pivot_fork["snapshot_tokens"] >= trunk_fork["snapshot_tokens"]
+    assert len(thaw["rollouts"]) == len(base["rollouts"]) == results["args"]["rollouts"] > 1
+    assert len(thaw["pivot_rollouts"]) == len(base["pivot_rollouts"]) == results["args"]["pivot_rollouts"] > 1
+    for row in thaw["rollouts"]:
+        assert row["cached_tokens"] == trunk_fork["snapshot_tokens"]
+    for row in thaw["pivot_rollouts"]:
+        assert row["cached_tokens"] >= trunk_fork["snapshot_tokens"]
+        assert row["prompt_tokens"] == thaw["trunk_tokens"] + thaw["pivot"]["tokens"]
+    for row in base["rollouts"] + base["pivot_rollouts"]:
+        assert row["cached_tokens"] == 0 and row["prefilled_tokens"] == row["prompt_tokens"]
+    for run in (thaw, base):
+        best = max(r["reward"] for r in run["rollouts"])
+        assert run["pivot"]["reward"] == best
+        assert 0 < run["pivot"]["tokens"] <= len(run["rollouts"][run["pivot"]["rollout"]]["token_ids"])
+    assert "fork pivot (fork of a fork)" in stdout
+
+
+def test_agent_fork(tmp_path: Path) -> None:
+    results, stdout = run_demo("agent_fork", tmp_path)
+    session, restore, base = results["session"], results["restore"], results["reprefill"]
+    assert session["snapshot_tokens"] > 0 and len(session["turns"]) == 2
+    assert restore["snapshot_tokens"] == session["snapshot_tokens"]
+    first, first_base = restore["turns"][0], base["turns"][0]
+    assert first["prompt_tokens"] == first_base["prompt_tokens"] > session["conversation_tokens"]
+    assert first["cached_tokens"] == session["snapshot_tokens"]
+    assert first_base["cached_tokens"] == 0 and first_base["prefilled_tokens"] == first_base["prompt_tokens"]
+    assert first["prefilled_tokens"] < first_base["prefilled_tokens"]
+    assert "restore vs re-prefill" in stdout
