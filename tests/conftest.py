@@ -36,6 +36,15 @@ def llm(store: Path):
         engine.llm_engine.engine_core.shutdown()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_chat_engines():
+    """Shut ChatThaw's shared engines down while pytest's output streams are still open."""
+    yield
+    runtime = sys.modules.get("thaw_agents.integrations._runtime")
+    if runtime is not None:
+        runtime.shutdown_all()
+
+
 @pytest.fixture(scope="session")
 def trunk_text() -> str:
     """About 1,200 tokens of shared context that a person could read."""
