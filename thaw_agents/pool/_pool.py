@@ -45,6 +45,17 @@ _POOLS: weakref.WeakSet[ForkPool] = weakref.WeakSet()
 class ForkPool:
     """Warm worker engines that hydrate a trunk snapshot and run branches.
 
+    Each worker is its own process (or Ray actor) with one vLLM engine built by
+    :func:`thaw_agents.make_llm`; :func:`fork_completions` hands it a share of a round's
+    branches, round-robin by branch index over the ready workers, and a worker runs its share
+    as one batch. On CPU the workers are pinned to separate cores unless you pinned them
+    (``VLLM_CPU_OMP_THREADS_BIND`` in ``worker_env``). On one host, the parent engine is often
+    the better place: see the README's "ForkPool rounds".
+
+    Failures: every step has a timeout; a worker that dies or stops answering is killed and
+    replaced, and its branches run once more on another worker (``BranchResult.attempts``);
+    errors are :class:`PoolError` subclasses naming the branch, the worker and the stage.
+
     Args:
         model: the model every worker runs (None: the default model). It must be the
             parent's model, with the same dtype, block size and KV layout: a round refuses a
@@ -143,6 +154,10 @@ class ForkPool:
         if self._spec is None:
             raise PoolError("the pool is not started: call start() or use it as a context manager")
         return self._spec
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
 
     @property
     def workers(self) -> list[WorkerInfo]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._adapter import adapter_for
-from .._errors import ConfigError, SnapshotMismatchError
+from .._errors import ConfigError, PoolError, SnapshotMismatchError
 from .._fork import ForkHandle, fork
 from .._kvspec import KVSpec, chain_keys, snapshot_id
 from .._manifest import check_compatible
@@ -231,11 +231,16 @@ def _in_pool(
     timeout_s: float | None,
 ) -> list[BranchResult]:
     spec = pool.spec  # raises if the pool is not started
+    if pool.closed:
+        raise PoolError("the pool is closed")
     encoded = [encode_sampling(p) for p in params]
     with engine_lock(llm):
         if plan.handle is None:
-            _check(adapter_for(llm).kv_spec(), spec, "the parent engine")  # before computing anything
-        handle, owned = (plan.handle, None) if plan.handle else _fork_trunk(llm, plan.trunk, spec)
+            parent_spec = adapter_for(llm).kv_spec()
+            _check(parent_spec, spec, "the parent engine")  # before computing anything
+            handle, owned = _fork_trunk(llm, plan.trunk, parent_spec)
+        else:
+            handle, owned = plan.handle, None
     trunk_s = time.perf_counter() - round_start
     shipment: Shipment | None = None
     try:
