@@ -5,9 +5,11 @@ Not a library: the demos import it as a sibling module (``import _demo``) and it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,15 +42,23 @@ def run_phase(script: str, args: Sequence[str], *, timeout: float = 900) -> dict
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         load_before = os.getloadavg()[0]
         started = time.perf_counter()
+        # Its own process group: on a timeout the phase and any engine process it started go.
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise PhaseError(f"{' '.join(args)}: no result after {timeout:.0f} s") from exc
+            output, _ = proc.communicate(timeout=timeout)
+        except BaseException as exc:  # a timeout, or Ctrl-C in the demo
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise PhaseError(f"{' '.join(args)}: no result after {timeout:.0f} s") from exc
+            raise
         if proc.returncode != 0 or not out.exists():
-            tail = (proc.stdout + proc.stderr)[-4000:]
-            raise PhaseError(f"phase {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
+            raise PhaseError(f"phase {' '.join(args)} failed (exit {proc.returncode}):\n{output[-4000:]}")
         result = json.loads(out.read_text())
-        result["load_avg"] = [load_before, os.getloadavg()[0]]
+        result.setdefault("load_avg", [load_before, os.getloadavg()[0]])
         result["process_s"] = time.perf_counter() - started
         return result
 

@@ -14,7 +14,9 @@ What it shows, in three fresh processes, one after the other:
 
 The table compares the restored tokens and the time to first token of each continued turn
 against re-prefill. Each side runs its requests one at a time after one unrelated warm-up
-request, so their greedy replies can be compared.
+request, and for reference the session process also continues the conversation itself after
+saving it, so the greedy replies of all three can be compared (CPU bf16 is not bit-exact
+between a prefill in one pass and the same KV computed turn by turn, so re-prefill may drift).
 
 Run (the default model on a CPU, about two minutes; ``--small`` for a smoke test)::
 
@@ -152,6 +154,9 @@ def phase_session(args: argparse.Namespace) -> dict[str, Any]:
         save_s=save_s,
     )
     handle.delete()  # the store's copy; the saved file at args.snapshot stays
+    # For reference only: the original session continues itself, so the restored session's
+    # replies can be compared with what the original would have said.
+    result["reference_turns"] = continue_session(llm, messages, args)
     return result
 
 
@@ -172,6 +177,18 @@ def phase_continue(args: argparse.Namespace) -> dict[str, Any]:
     llm = make_engine(args)
     result["engine_start_s"] = time.perf_counter() - started
     _demo.warm_up(llm)
+    result["turns"] = continue_session(llm, messages, args, handle)
+    return result
+
+
+def continue_session(
+    llm: Any, messages: list[dict[str, str]], args: argparse.Namespace, handle: Any = None
+) -> list[dict[str, Any]]:
+    """The follow-up turns, one request at a time; with ``handle`` the first loads the snapshot."""
+    import thaw_agents
+
+    turns = []
+    messages = list(messages)
     for index, question in enumerate(FOLLOW_UPS[: args.turns]):
         messages.append({"role": "user", "content": question})
         prompt = render(llm, messages)
@@ -183,8 +200,8 @@ def phase_continue(args: argparse.Namespace) -> dict[str, Any]:
         (row,), _ = _demo.timed_generate(llm, [prompt], [params])
         messages.append({"role": "assistant", "content": row["text"].strip()})
         row.pop("token_ids")
-        result["turns"].append({"question": question, **row})
-    return result
+        turns.append({"question": question, **row})
+    return turns
 
 
 def make_engine(args: argparse.Namespace) -> Any:
@@ -233,8 +250,12 @@ def print_report(session: dict[str, Any], restore: dict[str, Any], base: dict[st
         "\nTTFT of the first continued turn, restore / re-prefill: "
         f"{first_r['ttft_s'] / first_b['ttft_s']:.2f}"
     )
-    same = [r["text"] == b["text"] for r, b in zip(restore["turns"], base["turns"], strict=True)]
-    print(f"same greedy replies on both sides: {same}")
+    original = [t["text"] for t in session["reference_turns"]]
+    print(
+        "restored replies equal the original session's own continuation: "
+        f"{[r['text'] == o for r, o in zip(restore['turns'], original, strict=True)]}; "
+        f"re-prefill's: {[b['text'] == o for b, o in zip(base['turns'], original, strict=True)]}"
+    )
     for turn in restore["turns"]:
         print(f"  user: {turn['question']}\n  agent (restored): {turn['text'].strip()[:300]!r}")
     print(_demo.load_note({"restore": restore, "re-prefill": base}))

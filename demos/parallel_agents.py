@@ -11,8 +11,9 @@ What it shows:
    writes poor code: garbage, truncated or missing code scores 0, honestly;
 3. side by side, the baseline: the same eight branches on an engine with prefix caching off, so
    every branch prefills its full prompt (a second engine configuration, ``ChatThaw(
-   engine_kwargs={"enable_prefix_caching": False})``). Each mode runs in its own fresh
-   process, one after the other, so only one engine is alive at a time. The table shows
+   engine_kwargs={"enable_prefix_caching": False})``). The modes run one after the other in a
+   child process, each on a fresh engine (ChatThaw's engine core is its own process) that is
+   shut down before the next starts, so only one engine is alive at a time. The table shows
    per-branch TTFT, total time, and prompt tokens prefilled vs served from cache/snapshot.
 
 The reasoning turn of the trunk is written in the script (not generated), so both modes see
@@ -88,7 +89,7 @@ def branch_prompt(approach: str) -> str:
     )
 
 
-# -- one mode, in a fresh engine process -------------------------------------------------------
+# -- one mode, on a fresh engine --------------------------------------------------------------
 async def _branches(llm: Any, trunk: list, approaches: list[str], handle: Any) -> list[dict[str, Any]]:
     from langchain_core.messages import HumanMessage
 
@@ -120,7 +121,7 @@ async def _branches(llm: Any, trunk: list, approaches: list[str], handle: Any) -
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
-    """One mode on its own engine, in this (fresh) process."""
+    """One mode on a fresh engine, shut down at the end."""
     from langchain_core.messages import convert_to_messages
 
     import thaw_agents
@@ -346,21 +347,25 @@ def main() -> None:
     parser.add_argument("--test-timeout", type=float, default=30.0, help="seconds per candidate's tests")
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine (default 512)")
     parser.add_argument("--json", help="write the results (both modes, scores, ranking) to this JSON file")
-    parser.add_argument("--phase", choices=("thaw", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=("run",), help=argparse.SUPPRESS)
     parser.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.branches = min(args.branches or (3 if args.small else len(APPROACHES)), len(APPROACHES))
     args.max_tokens = args.max_tokens or (64 if args.small else 256)
     if args.phase:
-        _demo.write_json(args.phase_out, run_mode(args, args.phase))
+        runs = {}
+        for mode in ("thaw", "baseline"):
+            load_before = os.getloadavg()[0]
+            runs[mode] = run_mode(args, mode)
+            runs[mode]["load_avg"] = [load_before, os.getloadavg()[0]]
+        _demo.write_json(args.phase_out, runs)
         return
 
     common = [f"--branches={args.branches}", f"--max-tokens={args.max_tokens}"]
     common += [f"--kv-cache-mib={args.kv_cache_mib}"] + ([f"--model={args.model}"] if args.model else [])
-    runs = {}
-    for mode in ("thaw", "baseline"):
-        print(f"running {mode} in a fresh engine process ...", flush=True)
-        runs[mode] = _demo.run_phase(__file__, [f"--phase={mode}", *common])
+    print("running thaw, then baseline, each on a fresh engine, in a child process ...", flush=True)
+    child = _demo.run_phase(__file__, ["--phase=run", *common])
+    runs = {mode: child[mode] for mode in ("thaw", "baseline")}
     print("running each candidate's tests in a subprocess ...", flush=True)
     score_all(runs, args.test_timeout)
     ranking = sorted(runs["thaw"]["branches"], key=lambda c: -c["pass_rate"])

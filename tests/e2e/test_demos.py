@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,19 +24,22 @@ DEMOS = Path(__file__).resolve().parents[2] / "demos"
 def run_demo(name: str, tmp_path: Path, *extra: str, timeout: float = 240) -> tuple[dict[str, Any], str]:
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "THAW_AGENTS_STORE": str(tmp_path / "store")}
-    proc = subprocess.run(
-        [sys.executable, str(DEMOS / f"{name}.py"), "--small", "--json", str(out), *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
+    cmd = [sys.executable, str(DEMOS / f"{name}.py"), "--small", "--json", str(out), *extra]
+    # Its own process group, so a timeout also ends the demo's phase and engine processes.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{name} did not finish in {timeout:.0f} s")
+    assert proc.returncode == 0, stdout[-6000:]
     store = tmp_path / "store"
     leftovers = sorted(store.glob("*.thaw")) if store.exists() else []
     assert not leftovers, f"the demo left snapshots in the store: {leftovers}"
-    return json.loads(out.read_text()), proc.stdout
+    return json.loads(out.read_text()), stdout
 
 
 def test_parallel_agents(tmp_path: Path) -> None:
@@ -95,4 +99,6 @@ def test_agent_fork(tmp_path: Path) -> None:
     assert first["cached_tokens"] == session["snapshot_tokens"]
     assert first_base["cached_tokens"] == 0 and first_base["prefilled_tokens"] == first_base["prompt_tokens"]
     assert first["prefilled_tokens"] < first_base["prefilled_tokens"]
+    # Restored and run alone, the session continues token for token as the original did.
+    assert first["text"] == session["reference_turns"][0]["text"]
     assert "restore vs re-prefill" in stdout
