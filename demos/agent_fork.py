@@ -21,6 +21,9 @@ between a prefill in one pass and the same KV computed turn by turn, so re-prefi
 Run (the default model on a CPU, about two minutes; ``--small`` for a smoke test)::
 
     .venv/bin/python demos/agent_fork.py [--model PATH] [--small] [--json out.json]
+
+The engines are kept small (512 MiB of KV cache, 4,096-token context); with a bigger model on a
+GPU, raise ``--kv-cache-mib``. ``--help`` lists the size options.
 """
 
 from __future__ import annotations

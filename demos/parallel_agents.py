@@ -25,6 +25,9 @@ model's code yourself.
 Run (the default model on a CPU, a few minutes; ``--small`` for a smoke test)::
 
     .venv/bin/python demos/parallel_agents.py [--model PATH] [--small] [--json out.json]
+
+The engines are kept small (512 MiB of KV cache, 4,096-token context); with a bigger model on a
+GPU, raise ``--kv-cache-mib``. ``--help`` lists the size options.
 """
 
 from __future__ import annotations
