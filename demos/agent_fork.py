@@ -226,7 +226,7 @@ def print_report(session: dict[str, Any], restore: dict[str, Any], base: dict[st
     for i, turn in enumerate(session["turns"]):
         print(
             f"  live turn {i + 1}: prompt {turn['prompt_tokens']}, from the session's prefix cache "
-            f"{turn['cached_tokens']}, TTFT {ms(turn['ttft_s'])}: {turn['text'].strip()[:90]!r}"
+            f"{turn['cached_tokens']}, TTFT {ms(turn['ttft_s'])}: {turn['text'].strip()[:160]!r}"
         )
     rows: list[Any] = [
         ["load + verify snapshot", ms(restore["load_s"]), "-"],

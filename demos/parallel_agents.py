@@ -283,7 +283,7 @@ def print_report(thaw: dict[str, Any], base: dict[str, Any], ranking: list[dict[
     rows += [
         None,
         [
-            "fork (trunk prefilled once, snapshotted)",
+            "fork: trunk prefilled once, snapshotted (time)",
             ms(thaw["fork_s"]),
             "-",
             thaw["fork"]["tokens"],
