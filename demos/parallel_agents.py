@@ -17,7 +17,7 @@ What it shows:
    per-branch TTFT, total time, and prompt tokens prefilled vs served from cache/snapshot.
 
 The reasoning turn of the trunk is written in the script (not generated), so both modes see
-exactly the same prompts. ``fork_fanout(llm, trunk, suffixes)`` does steps 1's fork and fan-out in
+exactly the same prompts. ``fork_fanout(llm, trunk, suffixes)`` does step 1's fork and fan-out in
 one call; this demo spells them out to time each branch's first token. Candidate code runs with
 a timeout in a scratch directory but is not sandboxed: run the demo where you would run the
 model's code yourself.
