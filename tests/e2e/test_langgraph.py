@@ -94,13 +94,14 @@ def test_checkpointed_graphs_run_and_streams_carry_branch_tokens(
         for checkpointer in (InMemorySaver(), saver):
             graph = _graph(chat, checkpointer)
             config = {"configurable": {"thread_id": f"t-{type(checkpointer).__name__}"}}
+            # subgraphs=True: each item is (namespace, (token chunk, metadata)).
             tokens = [
                 chunk
-                for chunk, meta in graph.stream(
+                for _namespace, (chunk, meta) in graph.stream(
                     {"diff": trunk_text, "reviews": [], "cache_reads": []},
                     config,
                     stream_mode="messages",
-                    subgraphs=False,
+                    subgraphs=True,
                 )
                 if meta.get("langgraph_node") == "review"
             ]
