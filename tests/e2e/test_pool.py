@@ -183,6 +183,14 @@ class TestLocalPool:
         assert list(pool.run_dir().glob("round-*")) == []  # the shared-memory copy is gone
         assert not (store / f"{results[0].snapshot_id}.thaw").exists()  # and the round's own snapshot
 
+    def test_workers_run_on_cores_of_their_own(self, pool: ForkPool) -> None:
+        """Whole processes pinned, not only vLLM's OpenMP threads: two engines that share cores
+        spin against each other (decode ran 20-40x slower)."""
+        if len(os.sched_getaffinity(0)) < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+            pytest.skip("needs two free cores and no user pinning")
+        masks = [os.sched_getaffinity(w.pid) for w in pool.workers if w.pid]
+        assert len(masks) == 2 and all(masks) and masks[0].isdisjoint(masks[1])
+
     def test_seeded_samples_with_n_greater_than_one(self, parent, pool: ForkPool) -> None:
         trunk = _trunk("caches")
         sampled = SamplingParams(max_tokens=12, temperature=0.9, seed=7, n=3)

@@ -34,6 +34,7 @@ from .._kvspec import KVSpec
 from ._results import WorkerInfo
 from ._slots import Limits, Task, WorkerSlot
 from ._transport import check_transport, clean_stale, make_run_dir, runtime_root
+from ._worker import CPUS_ENV
 
 __all__ = ["ForkPool"]
 
@@ -285,7 +286,7 @@ class ForkPool:
         """On CPU, split this process's cores between the workers (unless the user pinned them)."""
         from .._engine import is_cpu_platform
 
-        pinned_already = "VLLM_CPU_OMP_THREADS_BIND" in {**os.environ, **self._worker_env}
+        pinned_already = {"VLLM_CPU_OMP_THREADS_BIND", CPUS_ENV} & {*os.environ, *self._worker_env}
         if pinned_already or not is_cpu_platform() or (self.backend == "ray" and not self._owns_ray):
             return [None] * self._count
         if hasattr(os, "sched_getaffinity"):
@@ -310,8 +311,10 @@ class ForkPool:
                 logger.info("devices are ignored on the CPU backend")
             else:
                 env["CUDA_VISIBLE_DEVICES"] = device
-        if bind is not None:
+        if bind is not None:  # the worker pins its whole process there (see _worker.pin_process)
             env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+            env[CPUS_ENV] = bind
+            env["OMP_NUM_THREADS"] = str(len(bind.split(",")))
         env.update(self._worker_env)
         return env
 

@@ -60,6 +60,9 @@ class _PoolActor:
 
     def __init__(self, name: str) -> None:
         from ._service import EngineService
+        from ._worker import pin_process
+
+        pin_process()  # before the engine starts its threads (a local Ray: cores split as locally)
 
         root = runtime_root()
         clean_stale(root)
