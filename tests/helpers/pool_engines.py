@@ -1,7 +1,7 @@
 """Engines for the pool tests: a context-sensitive tiny model, and a parent engine that can
 live beside the session's in-process engine.
 
-The stock tiny model (``tiny_model.py``, init scale 0.02) answers greedily by repeating the
+A tiny model at transformers' default init scale (0.02) answers greedily by repeating the
 prompt's last token, whatever came before: useless for checking that a branch really sees its
 trunk. With init scale 0.2 a change to one early trunk token changes the continuation.
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 from typing import Any
+
+from helpers.tiny_model import build_tiny_model
 
 # Small engines: several run at once on a 2-core, 24 GiB machine.
 ENGINE_KW: dict[str, Any] = {"kv_cache_memory_bytes": 256 << 20, "max_model_len": 2048, "seed": 0}
@@ -20,34 +21,7 @@ ENGINE_KW: dict[str, Any] = {"kv_cache_memory_bytes": 256 << 20, "max_model_len"
 
 def build_context_model(folder: Path) -> Path:
     """A seeded random tiny Llama (~16 MB) whose greedy output depends on the whole prompt."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from thaw_agents.models import default_model
-
-    if (folder / "config.json").exists():
-        return folder
-    src = default_model(progress=False)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.2,
-    )
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src / name).exists():
-            shutil.copy(src / name, folder / name)
-    return folder
+    return build_tiny_model(folder, initializer_range=0.2)
 
 
 def make_side_llm(model: str | Path, **overrides: Any):

@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 
 
-def build_tiny_model(folder: Path) -> Path:
+def build_tiny_model(folder: Path, *, initializer_range: float = 0.5) -> Path:
+    """Build (once) a seeded random tiny Llama in ``folder`` with the default model's tokenizer.
+
+    ``initializer_range`` sets how much the output depends on the prompt: 0.5 (the default)
+    makes different prompts give different tokens.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -32,7 +37,7 @@ def build_tiny_model(folder: Path) -> Path:
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
-        initializer_range=0.5,  # large enough that different prompts give different tokens
+        initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
