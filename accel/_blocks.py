@@ -59,6 +59,17 @@ def staging_nbytes(layers: Sequence[torch.Tensor], num_blocks: int, layout: Bloc
     return num_blocks * sum(_layer_block_nbytes(t, layout) for t in layers)
 
 
+def _checked(
+    layers: Sequence[torch.Tensor], block_ids: Sequence[int], layout: BlockLayout | None
+) -> tuple[BlockLayout, list[int], int]:
+    """The layout, the validated block ids and the staging row's bytes, for gather and scatter."""
+    layout = layout or BlockLayout()
+    if not layers:
+        raise ValueError("no layers given")
+    ids = _check_ids(block_ids, layers[0].shape[layout.block_dim])
+    return layout, ids, sum(_layer_block_nbytes(t, layout) for t in layers)
+
+
 def _u8_rows(view: torch.Tensor):
     """[num_blocks, ...] -> a NumPy uint8 [num_blocks, block_nbytes] view, or None if blocks
     are not contiguous rows (then the torch fallback copies)."""
@@ -93,12 +104,7 @@ def gather_blocks(
     """
     import torch
 
-    layout = layout or BlockLayout()
-    if not layers:
-        raise ValueError("no layers given")
-    num_blocks = layers[0].shape[layout.block_dim]
-    ids = _check_ids(block_ids, num_blocks)
-    total = sum(_layer_block_nbytes(t, layout) for t in layers)
+    layout, ids, total = _checked(layers, block_ids, layout)
     if out is None:
         out = torch.empty((len(ids), total), dtype=torch.uint8, device=layers[0].device)
     elif out.dtype != torch.uint8 or tuple(out.shape) != (len(ids), total) or not out.is_contiguous():
@@ -159,12 +165,7 @@ def scatter_blocks(
     """
     import torch
 
-    layout = layout or BlockLayout()
-    if not layers:
-        raise ValueError("no layers given")
-    num_blocks = layers[0].shape[layout.block_dim]
-    ids = _check_ids(block_ids, num_blocks)
-    total = sum(_layer_block_nbytes(t, layout) for t in layers)
+    layout, ids, total = _checked(layers, block_ids, layout)
     if staged.dtype != torch.uint8 or tuple(staged.shape) != (len(ids), total):
         raise ValueError(
             f"staged must be uint8 of shape {(len(ids), total)}, got {staged.dtype} {tuple(staged.shape)}"
