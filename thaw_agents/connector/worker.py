@@ -29,7 +29,7 @@ from thaw_agents.accel import (
 )
 
 from .. import __version__
-from .._container import checksum, write_container
+from .._container import write_container
 from .._kvspec import HASH_SCHEME, KVSpec, LayerSpec, chain_keys, model_fingerprint, snapshot_id
 from .metadata import LoadJob, SaveJob, ThawConnectorMetadata
 
@@ -148,28 +148,24 @@ class ThawWorker:
 
     def _load(self, job: LoadJob) -> None:
         start = time.perf_counter()
+        # On the CPU blocks are read straight into the cache rows; elsewhere (GPU) into the
+        # host staging buffer first, then scattered. Either way one read-and-verify path.
         views = block_views(self._layers, job.block_ids, self._layout)
-        if views is None:  # blocks are not contiguous host rows (GPU): stage, then scatter
-            bad = self._load_staged(job)
-        else:
-            bad = set()
-            by_file: dict[str, list[int]] = defaultdict(list)
-            for i, src in enumerate(job.sources):
-                by_file[src.path].append(i)
-            for path, indices in by_file.items():
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    complete, digests = read_blocks_into(
-                        fd,
-                        [job.sources[i].offset for i in indices],
-                        [views[i] for i in indices],
-                        hasher=blake3.blake3,
-                    )
-                finally:
-                    os.close(fd)
-                for i, ok, digest in zip(indices, complete, digests, strict=True):
-                    if not ok or digest != job.sources[i].checksum:
-                        bad.add(job.block_ids[i])
+        staged = None
+        if views is None:
+            staged = self._staging.rows(len(job.block_ids), self.spec.block_nbytes)
+            rows = staged.numpy()
+            views = [[memoryview(rows[i])] for i in range(len(job.block_ids))]
+        bad = self._read_verified(job, views)
+        if staged is not None:
+            good = [i for i, b in enumerate(job.block_ids) if b not in bad]
+            if good:
+                scatter_blocks(
+                    staged[good].contiguous(),
+                    self._layers,
+                    [job.block_ids[i] for i in good],
+                    layout=self._layout,
+                )
         if bad:
             logger.error(
                 "thaw: request %s: %d snapshot blocks failed their checksum; recomputing them",
@@ -184,20 +180,27 @@ class ThawWorker:
             (time.perf_counter() - start) * 1e3,
         )
 
-    def _load_staged(self, job: LoadJob) -> set[int]:
+    @staticmethod
+    def _read_verified(job: LoadJob, views: list[list[memoryview]]) -> set[int]:
+        """Read each block into its views (one open per file); the engine block ids that failed."""
         bad: set[int] = set()
-        staged = self._staging.rows(len(job.block_ids), self.spec.block_nbytes)
-        buf = staged.numpy()
+        by_file: dict[str, list[int]] = defaultdict(list)
         for i, src in enumerate(job.sources):
-            with open(src.path, "rb", buffering=0) as handle:
-                got = os.preadv(handle.fileno(), [memoryview(buf[i])], src.offset)
-            if got != src.nbytes or checksum(buf[i].data) != src.checksum:
-                bad.add(job.block_ids[i])
-        good = [i for i, b in enumerate(job.block_ids) if b not in bad]
-        if good:
-            scatter_blocks(
-                staged[good].contiguous(), self._layers, [job.block_ids[i] for i in good], layout=self._layout
-            )
+            by_file[src.path].append(i)
+        for path, indices in by_file.items():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                complete, digests = read_blocks_into(
+                    fd,
+                    [job.sources[i].offset for i in indices],
+                    [views[i] for i in indices],
+                    hasher=blake3.blake3,
+                )
+            finally:
+                os.close(fd)
+            for i, ok, digest in zip(indices, complete, digests, strict=True):
+                if not ok or digest != job.sources[i].checksum:
+                    bad.add(job.block_ids[i])
         return bad
 
     def get_block_ids_with_load_errors(self) -> set[int]:
