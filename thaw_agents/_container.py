@@ -140,9 +140,10 @@ def write_container(
     path = os.fspath(path)
     entries: list[Region] = []
     offset = 0
-    for name, data in regions:
-        nbytes = sum(p.nbytes for p in _parts(data))
-        entries.append(Region(name=name, offset=offset, nbytes=nbytes, checksum=checksum(data)))
+    parted = [(name, _parts(data)) for name, data in regions]
+    for name, parts in parted:
+        nbytes = sum(p.nbytes for p in parts)
+        entries.append(Region(name=name, offset=offset, nbytes=nbytes, checksum=checksum(parts)))
         offset += nbytes
     header = {
         "format": "thaw",
@@ -161,8 +162,8 @@ def write_container(
         with os.fdopen(fd, "wb", buffering=0) as handle:
             _write_all(handle, _PREFIX.pack(MAGIC, len(blob)))
             _write_all(handle, blob)
-            for _, data in regions:
-                _writev_all(handle.fileno(), _parts(data))
+            for _, parts in parted:
+                _writev_all(handle.fileno(), parts)
             if fsync:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)

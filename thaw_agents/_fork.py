@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -219,7 +220,9 @@ def _materialise(uri: str) -> Path:
             raise SnapshotNotFoundError("no snapshot file here", path=str(path))
         return path
     name = uri.rstrip("/").rsplit("/", 1)[-1] or "snapshot.thaw"
-    dest = store_dir() / f".remote-{abs(hash(uri)):x}-{name}"
+    # A stable name per URI: loading it again (in any process) refreshes one copy, not another.
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    dest = store_dir() / f".remote-{digest}-{name}"
     copy_from_uri(uri, dest)
     return dest
 
@@ -293,8 +296,9 @@ def fork(engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None) -> Fo
     parent_paths: tuple[Path, ...] = ()
     parent_manifests: tuple[KVManifest, ...] = ()
     if parent is not None:
-        if parent.spec.differences(spec):
-            field_name = parent.spec.differences(spec)[0][0]
+        differences = parent.spec.differences(spec)
+        if differences:
+            field_name = differences[0][0]
             raise ConfigError(f"the parent snapshot was taken on a different engine ({field_name} differs)")
         covered = parent.num_snapshot_tokens
         if tuple(tokens[: parent.num_tokens]) != parent.token_ids:

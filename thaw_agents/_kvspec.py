@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -207,8 +206,3 @@ def _folder_fingerprint(path: str, signature: tuple[tuple[str, int, int], ...]) 
                 digest.update(handle.read(_SAMPLE_NBYTES))
     del signature  # part of the cache key only: a rewritten file gets a new fingerprint
     return "sha256:" + digest.hexdigest()
-
-
-def env_flag(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() not in {"0", "false", "no", ""}
