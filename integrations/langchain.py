@@ -153,6 +153,7 @@ class ChatThaw(BaseChatModel):
     _engine_key: str | None = PrivateAttr(default=None)
     _acquired: bool = PrivateAttr(default=False)
     _closed: bool = PrivateAttr(default=False)
+    _args_cache: tuple[str, dict[str, Any]] | None = PrivateAttr(default=None)
 
     # -- LangChain plumbing ---------------------------------------------------------------
     @property
@@ -193,13 +194,18 @@ class ChatThaw(BaseChatModel):
 
     # -- engine ---------------------------------------------------------------------------
     def _engine_args(self) -> dict[str, Any]:
-        # Guided decoding is configured engine-wide in vLLM; compact JSON keeps a small model from
-        # spending its token budget on whitespace.
-        overrides = {
-            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
-            **self.engine_kwargs,
-        }
-        return thaw_agents.engine_kwargs(self.model, **overrides)
+        # Resolved once per configuration, not per request: resolving checks the prepared model's
+        # files and the platform.
+        key = json.dumps([self.model, self.engine_kwargs], sort_keys=True, default=str)
+        if self._args_cache is None or self._args_cache[0] != key:
+            # Guided decoding is configured engine-wide in vLLM; compact JSON keeps a small model
+            # from spending its token budget on whitespace.
+            overrides = {
+                "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+                **self.engine_kwargs,
+            }
+            self._args_cache = (key, thaw_agents.engine_kwargs(self.model, **overrides))
+        return dict(self._args_cache[1])
 
     async def _handle(self) -> _runtime.EngineHandle:
         if self._closed:
