@@ -56,12 +56,12 @@ test-fast: setup ## unit tests only (no engine)
 	$(BIN)/python -m pytest -q tests/unit
 
 lint: setup ## ruff
-	$(BIN)/ruff check thaw_agents accel integrations tests benchmarks demos
-	$(BIN)/ruff format --check thaw_agents accel integrations tests benchmarks demos
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 format: setup ## ruff format + fixes
-	$(BIN)/ruff check --fix thaw_agents accel integrations tests benchmarks demos
-	$(BIN)/ruff format thaw_agents accel integrations tests benchmarks demos
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 notebooks: model ## execute the notebooks
 	$(BIN)/python -m pytest -q tests/e2e/test_notebooks.py

@@ -147,6 +147,7 @@ def print_comparison(runs: list[dict[str, Any]]) -> None:
             )
     if len(by_mode) == 2:
         base, thaw = by_mode["baseline"], by_mode["thaw"]
+
         def mean(run: dict[str, Any]) -> float:
             return sum(b["ttft_s"] for b in run["branches"]) / len(run["branches"])
 

@@ -119,3 +119,11 @@ def test_wheel_maps_the_namespace(tmp_path: Path) -> None:
     assert "thaw_agents/connector/facade.py" in names
     assert "thaw_agents/pool/_worker.py" in names
     assert "thaw_agents/py.typed" in names
+
+
+def test_tree_is_ruff_clean() -> None:
+    """`make lint` in the test run: CI fails on a lint or format regression."""
+    ruff = Path(sys.executable).parent / "ruff"
+    for args in (["check"], ["format", "--check"]):
+        out = subprocess.run([str(ruff), *args, str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stdout + out.stderr
