@@ -10,6 +10,8 @@ thaw-agents, and nothing heavy at import time (torch and CuPy load on first use)
 * :class:`AtomicFile`, :func:`write_segments`, :func:`read_into`, :func:`probe_o_direct`:
   pipelined O_DIRECT file I/O with buffered fallback and atomic rename.
 * :func:`copy_segments`: many copies in one launch (CUDA) or a loop of memcpys (CPU).
+* :func:`blake3_digests`: BLAKE3 of byte ranges, computed on the GPU for CUDA tensors (the
+  same digests as the ``blake3`` package), so restores verify bytes where they landed.
 
 Example:
     >>> import torch
@@ -19,6 +21,7 @@ Example:
     >>> scatter_blocks(staged, kv, [0, 1])
 """
 
+from ._blake3 import PendingDigests, blake3_digests, launch_blake3_digests
 from ._blocks import BlockLayout, gather_blocks, scatter_blocks, staging_nbytes
 from ._copy import copy_segments
 from ._cuda import CupyMissingError
@@ -32,12 +35,15 @@ __all__ = [
     "BlockLayout",
     "CupyMissingError",
     "HostRegistration",
+    "PendingDigests",
     "StagingBuffer",
     "aligned_empty",
+    "blake3_digests",
     "block_views",
     "copy_segments",
     "cuda_available",
     "gather_blocks",
+    "launch_blake3_digests",
     "probe_o_direct",
     "read_blocks_into",
     "read_into",

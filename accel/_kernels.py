@@ -90,6 +90,7 @@ def _install_command() -> str:
 
 _lock = threading.Lock()
 _kernels: dict[tuple[int, str], Any] = {}
+_modules: dict[tuple[int, str], Any] = {}
 
 
 def require_cupy() -> Any:
@@ -105,17 +106,18 @@ def require_cupy() -> Any:
     return cupy
 
 
-def kernel(name: str, device: int) -> Any:
+def kernel(name: str, device: int, source: str = _SOURCE) -> Any:
+    """The compiled function ``name`` of ``source`` (this module's kernels by default) on ``device``."""
     key = (device, name)
     function = _kernels.get(key)
     if function is None:
         cp = require_cupy()
         with _lock:
-            module = _kernels.get((device, "__module__"))
+            module = _modules.get((device, source))
             if module is None:
                 with cp.cuda.Device(device):
-                    module = cp.RawModule(code=_SOURCE, options=("-std=c++17",))
-                _kernels[(device, "__module__")] = module
+                    module = cp.RawModule(code=source, options=("-std=c++17",))
+                _modules[(device, source)] = module
             function = module.get_function(name)
             _kernels[key] = function
     return function

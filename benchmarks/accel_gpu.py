@@ -7,8 +7,9 @@ Measured in the same run, on the same buffers:
   and GPU <-> GPU, against a plain pinned ``cudaMemcpyAsync`` of the same byte count.
 * Weights: ~8 GiB in 291 Llama-shaped bf16 tensors: freeze to a file, restore from a cold
   file (page cache dropped), from the page cache, from ``/dev/shm`` and from pinned memory,
-  against ``dd`` with O_DIRECT, the pinned host-to-device bandwidth, and the published
-  ``thaw-native`` extension (if importable) on the same tensors.
+  against ``dd`` with O_DIRECT, the pinned host-to-device bandwidth, the host's own copy and
+  BLAKE3 rates, BLAKE3 on the GPU, and the published ``thaw-native`` extension (if
+  importable) on the same tensors. Each restore row names the route its stats report.
 
 Run: ``python benchmarks/accel_gpu.py [--out-dir DIR] [--weights-gib 8] [--dir /var/tmp]``.
 """
@@ -69,10 +70,27 @@ def _wall_s(
     return statistics.median(times)
 
 
+_routes: list[str] = []
+
+
+def _routed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` (a restore) remembering the route its stats name, for the row."""
+
+    def call() -> Any:
+        stats = fn()
+        _routes.append(stats.route)
+        return stats
+
+    return call
+
+
 def _row(case: str, nbytes: int, seconds: float, limit_name: str, limit_gbps: float | None) -> dict[str, Any]:
     gbps = nbytes / seconds / 1e9
+    route = _routes[-1] if _routes else None
+    _routes.clear()
     return {
         "case": case,
+        "route": route,
         "nbytes": nbytes,
         "ms": seconds * 1e3,
         "gbps": gbps,
@@ -239,7 +257,9 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
     targets = {n: torch.empty_like(t) for n, t in weights.items()}
     nbytes = sum(t.numel() * t.element_size() for t in weights.values())
     print(f"weights: {len(weights)} tensors, {nbytes / 2**30:.2f} GiB", flush=True)
-    disk = dd_gbps(directory, 4)
+    # The disk probe writes and reads as many bytes as the freeze: a short probe can ride a
+    # write-back cache the 8 GiB freeze outruns.
+    disk = dd_gbps(directory, max(1, round(nbytes / 2**30)))
     print(f"dd O_DIRECT: {disk}", flush=True)
     path = os.path.join(directory, "weights.thaw")
     rows: list[dict[str, Any]] = []
@@ -264,7 +284,7 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
     )
     how = drop_page_cache(path)
     cold = _wall_s(
-        lambda: restore_tensors(path, targets, source="direct"),
+        _routed(lambda: restore_tensors(path, targets, source="direct")),
         max(1, reps - 1),
         warmup=1,
         before=lambda: drop_page_cache(path),
@@ -276,7 +296,7 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
     with open(path, "rb") as handle:  # warm the page cache
         while handle.read(64 << 20):
             pass
-    warm = _wall_s(lambda: restore_tensors(path, targets, source="buffered"), reps, warmup=1)
+    warm = _wall_s(_routed(lambda: restore_tensors(path, targets, source="buffered")), reps, warmup=1)
     check()
     rows.append(
         _row("weights restore page cache", nbytes, warm, "pinned memcpy H2D", limits["h2d_pinned_gbps"])
@@ -285,12 +305,13 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
     if os.path.isdir(shm) and os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize > nbytes * 1.2:
         shm_path = os.path.join(shm, "weights.thaw")
         freeze_tensors(shm_path, weights, **kw)
-        t = _wall_s(lambda: restore_tensors(shm_path, targets), reps, warmup=1)
+        t = _wall_s(_routed(lambda: restore_tensors(shm_path, targets)), reps, warmup=1)
         check()
         rows.append(
             _row("weights restore /dev/shm (copy)", nbytes, t, "pinned memcpy H2D", limits["h2d_pinned_gbps"])
         )
-        t = _wall_s(lambda: restore_tensors(shm_path, targets, source="mmap"), max(1, reps - 1), warmup=0)
+        per_call = _routed(lambda: restore_tensors(shm_path, targets, source="mmap"))
+        t = _wall_s(per_call, max(1, reps - 1), warmup=0)
         check()
         rows.append(
             _row(
@@ -304,7 +325,7 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
         start = time.perf_counter()
         mapped = HostWeights.map(shm_path)
         limits["shm_register_s"] = time.perf_counter() - start
-        t = _wall_s(lambda: mapped.restore(targets), reps, warmup=1)
+        t = _wall_s(_routed(lambda: mapped.restore(targets)), reps, warmup=1)
         check()
         rows.append(
             _row(
@@ -317,7 +338,7 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
         )
         mapped.close()
         trusted = HostWeights.map(shm_path, verify=False)
-        t = _wall_s(lambda: trusted.restore(targets), reps, warmup=1)
+        t = _wall_s(_routed(lambda: trusted.restore(targets)), reps, warmup=1)
         check()
         rows.append(
             _row(
@@ -331,7 +352,7 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
         trusted.close()
         os.unlink(shm_path)
     cached = HostWeights.load(path)
-    t = _wall_s(lambda: cached.restore(targets), reps, warmup=1)
+    t = _wall_s(_routed(lambda: cached.restore(targets)), reps, warmup=1)
     check()
     rows.append(
         _row("weights restore pinned memory", nbytes, t, "pinned memcpy H2D", limits["h2d_pinned_gbps"])
@@ -367,6 +388,17 @@ def bench_host_limits(path: str, cached: Any, nbytes: int, reps: int, limits: di
 
     t = _wall_s(verify, reps, warmup=1)
     limits["blake3_verify_gbps"] = nbytes / t / 1e9
+
+    # The same digests on the GPU, over a device copy of the payload (what a landing buffer holds).
+    from thaw_agents.accel import blake3_digests
+
+    device_copy = host[:nbytes].to(DEV)
+    regions = [(e.offset, e.nbytes) for e in manifest.tensors]
+    assert blake3_digests(device_copy, regions) == [e.checksum for e in manifest.tensors], (
+        "GPU BLAKE3 differs from the file's checksums"
+    )
+    t = _wall_s(lambda: blake3_digests(device_copy, regions), reps, warmup=1)
+    limits["blake3_gpu_gbps"] = nbytes / t / 1e9
     return [
         _row(
             "host: page cache -> pinned copy only",
@@ -376,6 +408,7 @@ def bench_host_limits(path: str, cached: Any, nbytes: int, reps: int, limits: di
             None,
         ),
         _row("host: BLAKE3 verify only", nbytes, nbytes / limits["blake3_verify_gbps"] / 1e9, "-", None),
+        _row("GPU: BLAKE3 verify only", nbytes, nbytes / limits["blake3_gpu_gbps"] / 1e9, "-", None),
     ]
 
 
@@ -452,11 +485,12 @@ def main(argv: list[str] | None = None) -> int:
             r["limit"],
             f"{r['limit_gbps']:.1f}" if r["limit_gbps"] else "-",
             f"{r['pct_of_limit']:.0f}%" if r["pct_of_limit"] else "-",
+            r.get("route") or "",
         )
         for r in rows
     ]
     print()
-    print_table(["case", "ms", "GB/s", "limit (same run)", "limit GB/s", "of limit"], table)
+    print_table(["case", "ms", "GB/s", "limit (same run)", "limit GB/s", "of limit", "route"], table)
     info = machine()
     payload = {"machine": info, "limits": limits, "results": rows, "params": vars(args) | {"out_dir": None}}
     out = None

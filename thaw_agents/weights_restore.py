@@ -2,10 +2,11 @@
 
 All or nothing: no target byte is written until every region's checksum has passed. On a
 GPU the bytes still move while they are being checked: each chunk goes host-to-device into
-a *landing* buffer as soon as it is read, on a side stream, while a thread pool hashes the
-regions already complete; once all pass, one kernel launch copies the landing buffer into
-every parameter (device bandwidth, milliseconds). Without room for a landing buffer the
-bytes wait, verified, in pinned host memory and are copied afterwards.
+a *landing* buffer as soon as it is read, on a side stream, and the GPU hashes the regions
+already complete right there (BLAKE3 kernels queued behind the copies, so the host CPUs
+only read); once all pass, one kernel launch copies the landing buffer into every parameter
+(device bandwidth, milliseconds). Without room for a landing buffer the bytes wait in
+pinned host memory, hashed there by a thread pool, and are copied afterwards.
 
 Sources of the bytes:
 
@@ -44,6 +45,8 @@ _CHUNK_NBYTES = 32 << 20
 _NUM_READERS = 12
 _LANDING_MARGIN_NBYTES = 1 << 30
 _BIG_REGION_NBYTES = 32 << 20
+# GPU verification: a hashing launch per this many arrived bytes, queued behind their copies.
+_GPU_BATCH_NBYTES = 1 << 30
 _staging_lock = threading.Lock()
 _staging: Any = None
 
@@ -114,11 +117,33 @@ def _on_tmpfs(path: str) -> bool:
         return False
 
 
+def _checksum_error(entry: TensorEntry, index: int, path: str) -> SnapshotChecksumError:
+    return SnapshotChecksumError(
+        f"tensor {entry.name} does not match its checksum: the file is corrupt, and "
+        "no parameter was changed. Freeze the model again or fetch the file again.",
+        path=path,
+        region=index,
+    )
+
+
 class _Verifier:
-    """Hashes regions on a thread pool as soon as the chunks covering them have arrived."""
+    """Hashes regions as soon as the chunks covering them have arrived.
+
+    On the host a thread pool hashes the host copy. With ``landing`` (a device buffer the
+    bytes are copied into on ``stream``) the GPU hashes them there instead, a launch per
+    ``_GPU_BATCH_NBYTES`` of arrived regions on a second stream that waits for their copies,
+    and the host CPUs are left to the reads.
+    """
 
     def __init__(
-        self, pairs: Pairs, host: torch.Tensor, nbytes: int, chunk_nbytes: int, enabled: bool
+        self,
+        pairs: Pairs,
+        host: torch.Tensor,
+        nbytes: int,
+        chunk_nbytes: int,
+        enabled: bool,
+        landing: torch.Tensor | None = None,
+        stream: Any = None,
     ) -> None:
         self._host = host.numpy()
         self._pairs = sorted(pairs, key=lambda p: p[0].offset)
@@ -127,8 +152,15 @@ class _Verifier:
         self._mark = 0
         self._next = 0
         self._enabled = enabled
-        self._pool = ThreadPoolExecutor(max(1, min(32, os.cpu_count() or 1))) if enabled else None
+        self._landing = landing if enabled else None
+        self._stream = stream
+        self._hash_stream: Any = None
+        use_pool = enabled and self._landing is None
+        self._pool = ThreadPoolExecutor(max(1, min(32, os.cpu_count() or 1))) if use_pool else None
         self._futures: list[tuple[int, TensorEntry, Future[str]]] = []
+        self._batch: list[int] = []
+        self._batch_nbytes = 0
+        self._launched: list[tuple[list[int], Any]] = []
 
     def arrived(self, start: int) -> None:
         self._arrived[start // self._chunk] = True
@@ -143,19 +175,41 @@ class _Verifier:
             if self._pool is not None:
                 view = self._host[entry.offset : entry.offset + entry.nbytes]
                 self._futures.append((self._next, entry, self._pool.submit(_hash, view)))
+            elif self._landing is not None:
+                self._batch.append(self._next)
+                self._batch_nbytes += entry.nbytes
             self._next += 1
+        if self._batch_nbytes >= _GPU_BATCH_NBYTES:
+            self._launch()
+
+    def _launch(self) -> None:
+        import torch
+
+        from .accel import launch_blake3_digests
+
+        if not self._batch:
+            return
+        regions = [(self._pairs[i][0].offset, self._pairs[i][0].nbytes) for i in self._batch]
+        # Hash on a stream of its own, after the copies queued so far: on the copy stream the
+        # kernels would hold back the copies queued behind them.
+        if self._hash_stream is None:
+            self._hash_stream = torch.cuda.Stream(device=self._landing.device)
+        self._hash_stream.wait_stream(self._stream)
+        with torch.cuda.stream(self._hash_stream):
+            self._launched.append((self._batch, launch_blake3_digests(self._landing, regions)))
+        self._batch, self._batch_nbytes = [], 0
 
     def check(self, path: str) -> None:
         try:
-            for _, entry, future in self._futures:
+            for index, entry, future in self._futures:
                 if future.result() != entry.checksum:
-                    index = next(i for i, (e, _) in enumerate(self._pairs) if e is entry)
-                    raise SnapshotChecksumError(
-                        f"tensor {entry.name} does not match its checksum: the file is corrupt, and "
-                        "no parameter was changed. Freeze the model again or fetch the file again.",
-                        path=path,
-                        region=index,
-                    )
+                    raise _checksum_error(entry, index, path)
+            self._launch()
+            for indices, pending in self._launched:
+                for index, digest in zip(indices, pending.result(), strict=True):
+                    entry = self._pairs[index][0]
+                    if digest != entry.checksum:
+                        raise _checksum_error(entry, index, path)
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
@@ -186,7 +240,7 @@ def _run(
         if free > nbytes + _LANDING_MARGIN_NBYTES:
             landing = torch.empty(nbytes, dtype=torch.uint8, device=device)
     side = torch.cuda.Stream(device=device) if device is not None else None
-    verifier = _Verifier(pairs, host, nbytes, _CHUNK_NBYTES, verify)
+    verifier = _Verifier(pairs, host, nbytes, _CHUNK_NBYTES, verify, landing=landing, stream=side)
     arrivals: queue.Queue[tuple[int, int] | BaseException | None] = queue.Queue()
 
     def feeder() -> None:
@@ -238,6 +292,7 @@ def _run(
     if main is not None:
         main.synchronize()
     route += "+landing" if landing is not None else ""
+    route += "+gpu-verified" if landing is not None and verify else ""
     return WeightsStats(
         nbytes=nbytes, num_tensors=len(pairs), seconds=time.perf_counter() - start_t, route=route
     )
