@@ -30,6 +30,7 @@ from ._errors import (
     SnapshotNotFoundError,
     SnapshotTruncatedError,
     SnapshotVersionError,
+    SnapshotWriteError,
     ThawError,
     WorkerDiedError,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "SnapshotNotFoundError",
     "SnapshotTruncatedError",
     "SnapshotVersionError",
+    "SnapshotWriteError",
     "ThawError",
     "WorkerDiedError",
     "__version__",

@@ -33,6 +33,7 @@ from ._errors import (
     SnapshotNotFoundError,
     SnapshotTruncatedError,
     SnapshotVersionError,
+    write_failed,
 )
 
 __all__ = [
@@ -156,7 +157,10 @@ def write_container(
     }
     blob = _padded_header(header)
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".thaw-", suffix=".partial", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".thaw-", suffix=".partial", dir=directory)
+    except OSError as exc:
+        raise write_failed(path, exc) from exc
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb", buffering=0) as handle:
@@ -169,9 +173,11 @@ def write_container(
         os.replace(tmp, path)
         if fsync:
             _fsync_dir(directory)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise write_failed(path, exc, _PREFIX.size + len(blob) + offset) from exc
         raise
     return Container(
         path=path,

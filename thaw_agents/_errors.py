@@ -12,7 +12,8 @@
     │   ├── SnapshotVersionError    written by an unknown format version
     │   ├── SnapshotTruncatedError  the payload is shorter than the header says
     │   ├── SnapshotChecksumError   a region's bytes do not match its checksum
-    │   └── SnapshotMismatchError   another model, dtype, block size or KV layout
+    │   ├── SnapshotMismatchError   another model, dtype, block size or KV layout
+    │   └── SnapshotWriteError (+OSError)  full disk, quota or permissions; nothing written
     ├── EngineError                 the engine refused or failed a thaw operation
     └── PoolError                   a ForkPool worker failed a step (boot, hydrate, generate)
         ├── WorkerDiedError         the worker process or actor exited
@@ -24,6 +25,9 @@ Every error carries the fields a caller needs (``path``, ``field``, ``expected``
 
 from __future__ import annotations
 
+import errno as _errno
+import os
+import shutil
 from typing import Any
 
 __all__ = [
@@ -40,8 +44,10 @@ __all__ = [
     "SnapshotNotFoundError",
     "SnapshotTruncatedError",
     "SnapshotVersionError",
+    "SnapshotWriteError",
     "ThawError",
     "WorkerDiedError",
+    "write_failed",
 ]
 
 
@@ -130,6 +136,40 @@ class SnapshotMismatchError(SnapshotError, ValueError):
         if hint:
             message += f"; {hint}"
         super().__init__(message, path=path)
+
+
+class SnapshotWriteError(SnapshotError, OSError):
+    """A snapshot or weights file could not be written: a full disk, a quota, permissions.
+
+    Nothing is left behind: the destination is untouched and the partial file removed.
+
+    Attributes:
+        errno: the operating system's error number, when known.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, errno: int | None = None) -> None:
+        super().__init__(message, path=path)
+        self.errno = errno
+
+
+def write_failed(path: str | os.PathLike[str], exc: OSError, nbytes: int | None = None) -> SnapshotWriteError:
+    """The :class:`SnapshotWriteError` for an ``OSError`` met while writing ``path``."""
+    path = os.fspath(path)
+    if exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(os.path.dirname(path) or '.').free:,} bytes free there"
+        except OSError:
+            free = "free space unknown"
+        needed = f"{nbytes:,} bytes needed, " if nbytes else ""
+        message = (
+            f"no space left on the device ({needed}{free}); free some space or write elsewhere "
+            "(THAW_AGENTS_STORE moves the snapshot store)"
+        )
+    elif exc.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+        message = f"cannot write here ({exc.strerror}); choose a folder you can write to"
+    else:
+        message = f"writing failed: {exc}"
+    return SnapshotWriteError(message + "; nothing was written", path=path, errno=exc.errno)
 
 
 class PoolError(ThawError, RuntimeError):

@@ -23,7 +23,7 @@ from typing import Any
 
 from ._adapter import Prefix, adapter_for
 from ._container import verify_regions
-from ._errors import ConfigError, EngineError, SnapshotNotFoundError
+from ._errors import ConfigError, EngineError, SnapshotNotFoundError, SnapshotWriteError
 from ._kvspec import KVSpec, chain_keys, snapshot_id
 from ._manifest import KVManifest, read_kv_manifest
 from ._store import (
@@ -334,6 +334,9 @@ def fork(engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None) -> Fo
             message = json.loads(error_file.read_text()).get("error", "unknown error")
         finally:
             error_file.unlink(missing_ok=True)
+        kind, _, detail = message.partition(": ")
+        if kind == "SnapshotWriteError":  # a full disk in the engine: the same typed error
+            raise SnapshotWriteError(detail.removeprefix(f"{dest}: "), path=str(dest))
         raise EngineError(f"the engine could not write the snapshot {dest}: {message}")
     if not dest.exists():
         raise EngineError(

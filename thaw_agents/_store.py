@@ -7,12 +7,13 @@ snapshot an engine touches is a file in the local store or a local path. Other U
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from ._errors import DependencyError, SnapshotNotFoundError
+from ._errors import DependencyError, SnapshotNotFoundError, write_failed
 
 __all__ = ["copy_from_uri", "copy_to_uri", "is_local_uri", "local_path", "store_dir"]
 
@@ -42,6 +43,10 @@ def local_path(uri: str | os.PathLike[str]) -> Path:
     return Path(text.removeprefix("file://")).expanduser().resolve()
 
 
+# Local-disk failures of a download (a remote read error stays what fsspec raised).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def _fsspec():
     try:
         import fsspec
@@ -57,7 +62,10 @@ def copy_to_uri(src: Path, uri: str) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest == src.resolve():
             return
-        fd, tmp = tempfile.mkstemp(prefix=".thaw-", suffix=".partial", dir=dest.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".thaw-", suffix=".partial", dir=dest.parent)
+        except OSError as exc:
+            raise write_failed(dest, exc) from exc
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
@@ -66,8 +74,10 @@ def copy_to_uri(src: Path, uri: str) -> None:
                 if not str(dest).startswith("/dev/shm/"):
                     os.fsync(out.fileno())
             os.replace(tmp, dest)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+                raise write_failed(dest, exc, src.stat().st_size) from exc
             raise
         return
     fs, path = _fsspec().core.url_to_fs(uri)
@@ -82,14 +92,19 @@ def copy_from_uri(uri: str, dest: Path) -> None:
     fs, path = _fsspec().core.url_to_fs(uri)
     if not fs.exists(path):
         raise SnapshotNotFoundError("no snapshot at this URI", path=uri)
-    fd, tmp = tempfile.mkstemp(prefix=".thaw-", suffix=".partial", dir=dest.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".thaw-", suffix=".partial", dir=dest.parent)
+    except OSError as exc:
+        raise write_failed(dest, exc) from exc
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as out, fs.open(path, "rb") as inp:
             shutil.copyfileobj(inp, out, 16 << 20)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            raise write_failed(dest, exc) from exc
         raise
 
 

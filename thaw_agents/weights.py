@@ -36,7 +36,7 @@ import blake3
 from . import __version__
 from ._container import _PREFIX, CHECKSUM_ALGORITHM, FORMAT_VERSION, MAGIC, Container, _padded_header
 from ._container import read_container as _read_container
-from ._errors import SnapshotFormatError, SnapshotMismatchError
+from ._errors import SnapshotFormatError, SnapshotMismatchError, write_failed
 
 if TYPE_CHECKING:
     import torch
@@ -247,14 +247,17 @@ def freeze_tensors(
     path = os.fspath(path)
     if fsync is None:
         fsync = not os.path.abspath(path).startswith("/dev/shm/")
-    with AtomicFile(path, fsync=fsync) as file:
-        digests = write_segments(file, len(placeholder), [t for _, t in items], hasher=_hasher)
-        _, blob = _header(items, [str(d) for d in digests], meta)
-        assert len(blob) == len(placeholder), "header length changed with the checksums"
-        file.pwrite(blob, 0)
-        route = "o_direct" if file.direct else "buffered"
-        file.commit()
     nbytes = sum(t.numel() * t.element_size() for _, t in items)
+    try:
+        with AtomicFile(path, fsync=fsync) as file:
+            digests = write_segments(file, len(placeholder), [t for _, t in items], hasher=_hasher)
+            _, blob = _header(items, [str(d) for d in digests], meta)
+            assert len(blob) == len(placeholder), "header length changed with the checksums"
+            file.pwrite(blob, 0)
+            route = "o_direct" if file.direct else "buffered"
+            file.commit()
+    except OSError as exc:  # the partial file is gone (AtomicFile); say why in our terms
+        raise write_failed(path, exc, len(placeholder) + nbytes) from exc
     stats = WeightsStats(
         nbytes=nbytes, num_tensors=len(items), seconds=time.perf_counter() - start, route=route
     )

@@ -21,6 +21,7 @@ from thaw_agents import (
     SnapshotNotFoundError,
     SnapshotTruncatedError,
     SnapshotVersionError,
+    SnapshotWriteError,
 )
 from thaw_agents._container import read_container
 
@@ -194,6 +195,30 @@ def test_snapshot_holds_one_session_only(llm, trunk: dict) -> None:
     b_checksums = {r.checksum for r in read_container(b.path).regions}
     assert a_checksums.isdisjoint(b_checksums)
     assert read_container(a.path).payload_nbytes == a.num_blocks * a.spec.block_nbytes
+
+
+def _full_disk(fd: int) -> None:
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_in_the_engine_and_on_save(llm, trunk: dict, tmp_path: Path, monkeypatch) -> None:
+    """A full disk is a typed error that names the fix, leaves no partial file, and the engine
+    keeps serving; the next fork of the same prefix succeeds once there is room."""
+    text = "A full disk must not cost the session anything. " * 12
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", _full_disk)
+        with pytest.raises(SnapshotWriteError, match="no space left on the device") as caught:
+            thaw_agents.fork(llm, text)
+        store = Path(caught.value.path).parent
+        assert not [p.name for p in store.iterdir() if p.name.endswith((".partial", ".error"))]
+        with pytest.raises(SnapshotWriteError, match="no space left") as saving:
+            trunk["handle"].save(tmp_path / "copy.thaw")
+        assert saving.value.errno == __import__("errno").ENOSPC
+        assert list(tmp_path.iterdir()) == []
+    handle = thaw_agents.fork(llm, text)
+    assert handle.path.exists() and handle.num_blocks > 0
 
 
 def test_memory_uri_round_trip(trunk: dict) -> None:

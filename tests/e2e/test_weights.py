@@ -23,6 +23,7 @@ from thaw_agents import (
     SnapshotMismatchError,
     SnapshotNotFoundError,
     SnapshotTruncatedError,
+    SnapshotWriteError,
 )
 from thaw_agents.weights import (
     freeze_module,
@@ -125,6 +126,20 @@ def test_truncated_file_leaves_the_model_untouched(frozen, cut: int) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - cut])
     _untouched(path, SnapshotTruncatedError)
+
+
+def test_full_disk_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    model = _model(3)
+    with pytest.raises(SnapshotWriteError, match="no space left on the device") as caught:
+        freeze_module(model, tmp_path / "w.thaw", model_name="m", model_fingerprint="f")
+    assert "bytes needed" in str(caught.value) and caught.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_hostile_headers(frozen, tmp_path: Path) -> None:

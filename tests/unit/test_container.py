@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -16,6 +17,7 @@ from thaw_agents import (
     SnapshotNotFoundError,
     SnapshotTruncatedError,
     SnapshotVersionError,
+    SnapshotWriteError,
 )
 from thaw_agents._container import MAGIC, read_container, verify_regions, write_container
 
@@ -172,12 +174,13 @@ def test_wrong_kind(good: Path) -> None:
 
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A disk that fills up at flush time leaves neither the file nor a temporary."""
-    import errno
 
     def full_disk(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(SnapshotWriteError, match="no space left on the device") as caught:
         write_container(tmp_path / "x.thaw", "test", {}, [("a", b"ok" * 100)])
+    assert caught.value.errno == errno.ENOSPC and isinstance(caught.value, OSError)
+    assert "THAW_AGENTS_STORE" in str(caught.value)
     assert list(tmp_path.iterdir()) == []

@@ -31,6 +31,7 @@ def test_public_api_is_pinned() -> None:
         "SnapshotNotFoundError",
         "SnapshotTruncatedError",
         "SnapshotVersionError",
+        "SnapshotWriteError",
         "ThawError",
         "WorkerDiedError",
         "__version__",
