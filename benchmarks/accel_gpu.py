@@ -270,18 +270,30 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
             t.zero_()
 
     kw = {"model_name": "llama-like", "model_fingerprint": "sha256:bench"}
-    seconds = _wall_s(lambda: freeze_tensors(path, weights, **kw), max(1, reps - 1), warmup=1)
-    rows.append(
-        _row("weights freeze -> file (O_DIRECT)", nbytes, seconds, "dd O_DIRECT write", disk.get("write"))
-    )
     from thaw_agents.accel import _direct
 
-    _direct.WRITE_TUNING["preallocate"] = False
-    seconds = _wall_s(lambda: freeze_tensors(path, weights, **kw), 1, warmup=0)
-    _direct.WRITE_TUNING["preallocate"] = True
-    rows.append(
-        _row("weights freeze (no fallocate)", nbytes, seconds, "dd O_DIRECT write", disk.get("write"))
-    )
+    # Both ways of growing the file, interleaved so that drift in the disk hits both alike.
+    freeze_times: dict[bool, list[float]] = {False: [], True: []}
+    default = _direct.WRITE_TUNING["preallocate"]
+    freeze_tensors(path, weights, **kw)  # warm-up
+    for _ in range(max(2, reps)):
+        for preallocate in (False, True):
+            _direct.WRITE_TUNING["preallocate"] = preallocate
+            start = time.perf_counter()
+            freeze_tensors(path, weights, **kw)
+            freeze_times[preallocate].append(time.perf_counter() - start)
+    _direct.WRITE_TUNING["preallocate"] = default
+    for preallocate in (default, not default):
+        label = "fallocate first" if preallocate else "no fallocate"
+        rows.append(
+            _row(
+                f"weights freeze -> file (O_DIRECT, {label}{', default' if preallocate == default else ''})",
+                nbytes,
+                statistics.median(freeze_times[preallocate]),
+                "dd O_DIRECT write",
+                disk.get("write"),
+            )
+        )
     how = drop_page_cache(path)
     cold = _wall_s(
         _routed(lambda: restore_tensors(path, targets, source="direct")),
@@ -301,6 +313,24 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
     rows.append(
         _row("weights restore page cache", nbytes, warm, "pinned memcpy H2D", limits["h2d_pinned_gbps"])
     )
+    # With the GPU verifying, every host core is free to copy: how many readers pay off?
+    from thaw_agents import weights_restore
+
+    default_readers = weights_restore._NUM_READERS
+    for readers in (8, 16):
+        weights_restore._NUM_READERS = readers
+        t = _wall_s(_routed(lambda: restore_tensors(path, targets, source="buffered")), reps, warmup=1)
+        check()
+        rows.append(
+            _row(
+                f"weights restore page cache ({readers} readers; default {default_readers})",
+                nbytes,
+                t,
+                "pinned memcpy H2D",
+                limits["h2d_pinned_gbps"],
+            )
+        )
+    weights_restore._NUM_READERS = default_readers
     shm = "/dev/shm"
     if os.path.isdir(shm) and os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize > nbytes * 1.2:
         shm_path = os.path.join(shm, "weights.thaw")
@@ -462,6 +492,46 @@ def bench_native(directory, weights, targets, nbytes, reps, check) -> list[dict[
     return rows
 
 
+def bench_freeze_sweep(directory: str, gib: float, reps: int) -> list[dict[str, Any]]:
+    """Freeze with several writer settings and ``dd``, interleaved: which setting tracks the disk?"""
+    from thaw_agents.accel import _direct
+    from thaw_agents.weights import freeze_tensors
+
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    weights = {n: torch.randn(s, device=DEV, generator=gen, dtype=torch.bfloat16) for n, s in llama_like(gib)}
+    nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+    path = os.path.join(directory, "sweep.thaw")
+    default = dict(_direct.WRITE_TUNING)
+    configs = [(32 << 20, 4), (64 << 20, 1), (64 << 20, 2), (16 << 20, 8)]
+    times: dict[Any, list[float]] = {c: [] for c in [*configs, "dd"]}
+    kw = {"model_name": "llama-like", "model_fingerprint": "sha256:bench"}
+    freeze_tensors(path, weights, **kw)  # warm-up
+    for _ in range(reps):
+        for config in configs:
+            chunk, writers = config
+            _direct.WRITE_TUNING.update(chunk_nbytes=chunk, num_writers=writers, num_buffers=writers + 2)
+            start = time.perf_counter()
+            freeze_tensors(path, weights, **kw)
+            times[config].append(time.perf_counter() - start)
+        times["dd"].append(nbytes / dd_gbps(directory, max(1, round(nbytes / 2**30)))["write"] / 1e9)
+    _direct.WRITE_TUNING.clear()
+    _direct.WRITE_TUNING.update(default)
+    os.unlink(path)
+    dd = nbytes / statistics.median(times["dd"]) / 1e9
+    rows = [_row("dd O_DIRECT write, 64 MiB blocks", nbytes, statistics.median(times["dd"]), "-", None)]
+    for chunk, writers in configs:
+        rows.append(
+            _row(
+                f"weights freeze, {chunk >> 20} MiB chunks x {writers} writers",
+                nbytes,
+                statistics.median(times[(chunk, writers)]),
+                "dd O_DIRECT write (interleaved)",
+                dd,
+            )
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=None, help="where the JSON goes (default: results/)")
@@ -469,13 +539,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default="/var/tmp", help="a folder on the disk under test")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-weights", action="store_true")
+    parser.add_argument(
+        "--freeze-sweep", action="store_true", help="only: freeze writer settings against dd, interleaved"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("accel_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    kv_rows, limits = bench_kv(max(args.reps, 20))
-    rows = list(kv_rows)
-    if not args.skip_weights:
+    if args.freeze_sweep:
+        rows, limits = bench_freeze_sweep(args.dir, args.weights_gib, args.reps), {}
+    else:
+        kv_rows, limits = bench_kv(max(args.reps, 20))
+        rows = list(kv_rows)
+    if not args.skip_weights and not args.freeze_sweep:
         rows += bench_weights(args.dir, args.weights_gib, args.reps, limits)
     table = [
         (
@@ -494,9 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     payload = {"machine": info, "limits": limits, "results": rows, "params": vars(args) | {"out_dir": None}}
     out = None
+    stem = "accel_gpu_freeze_sweep" if args.freeze_sweep else "accel_gpu"
     if args.out_dir:
-        out = args.out_dir / f"accel_gpu-{machine_tag(info)}-{time.strftime('%Y-%m-%d')}.json"
-    print("wrote", write_results("accel_gpu", payload, out))
+        out = args.out_dir / f"{stem}-{machine_tag(info)}-{time.strftime('%Y-%m-%d')}.json"
+    print("wrote", write_results(stem, payload, out))
     return 0
 
 
