@@ -380,7 +380,8 @@ class HostWeights:
     maps a ``/dev/shm`` file in place and page-locks it once (``cudaHostRegister``), the
     same-host hand-off: no copy on the host at all. :meth:`restore` then copies host to
     device into a model's tensors; a mapped file is verified again on every restore (another
-    process may have rewritten it), overlapped with the copy.
+    process may have rewritten it), on the GPU and overlapped with the copy (48 GB/s for
+    8.5 GB on an H100, 88% of its pinned copy bandwidth).
 
     Example:
         >>> import torch
