@@ -166,12 +166,16 @@ async def _start(key: str, engine_kwargs: dict[str, Any]) -> EngineHandle:
     args = AsyncEngineArgs(**engine_kwargs)
     engine = AsyncLLM.from_engine_args(args)
     config = engine.vllm_config.model_config
-    return EngineHandle(
+    handle = EngineHandle(
         key=key,
         engine=engine,
         model_name=config.served_model_name or config.model,
         max_model_len=config.max_model_len,
     )
+    # vLLM keeps a reference to this frame; with the engine among its locals, release_key could
+    # not finalise the engine, and AsyncLLM.__del__ failed later during interpreter teardown.
+    del engine, config
+    return handle
 
 
 def acquire(engine_kwargs: dict[str, Any]) -> Future[EngineHandle]:
