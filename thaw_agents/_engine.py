@@ -17,7 +17,7 @@ from .models import resolve_model
 if TYPE_CHECKING:
     import vllm
 
-__all__ = ["CONNECTOR_NAME", "engine_kwargs", "is_cpu_platform", "make_llm"]
+__all__ = ["CONNECTOR_NAME", "cpu_dtype", "engine_kwargs", "is_cpu_platform", "make_llm"]
 
 CONNECTOR_NAME = "ThawConnector"
 CONNECTOR_MODULE = "thaw_agents.connector.facade"
@@ -29,6 +29,33 @@ _CPU_KV_CACHE_BYTES = int(os.environ.get("THAW_AGENTS_CPU_KV_GIB", "2")) * (1 <<
 # Smaller blocks cache more of a prefix (only full blocks are cached); the CPU backend
 # wants multiples of 32.
 _CPU_BLOCK_SIZE = 32
+# CPU flags of native bfloat16 arithmetic (x86 AVX512-BF16 or AMX, Arm BF16). Without them
+# vLLM's CPU kernels emulate bf16: on an AVX2-only EPYC, prefilling 1,000 tokens of the
+# default model took 15.2 s in bfloat16 and 2.55 s in float32 (decode was equal).
+_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() in {"flags", "Features"}:
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_dtype() -> str:
+    """The dtype :func:`engine_kwargs` picks on CPU: bfloat16 where the CPU computes it natively,
+    else float32 (six times faster to prefill there; twice the KV bytes per token).
+
+    Example:
+        >>> cpu_dtype() in {"bfloat16", "float32"}
+        True
+    """
+    return "bfloat16" if _cpu_flags() & _NATIVE_BF16_FLAGS else "float32"
 
 
 def is_cpu_platform() -> bool:
@@ -47,7 +74,8 @@ def engine_kwargs(model: str | os.PathLike[str] | None = None, **overrides: Any)
 
     Sets prefix caching on, the thaw KV connector, the worker extension that lets
     :func:`thaw_agents.fork` describe the KV cache, and on CPU eager mode, a 2 GiB KV
-    cache and 32-token blocks. ``model=None`` means the default model.
+    cache, 32-token blocks and :func:`cpu_dtype` (bfloat16 only where the CPU has native
+    bf16). ``model=None`` means the default model.
 
     ``kv_connector_extra_config`` given in ``overrides`` is merged into the connector's
     config rather than replacing the connector.
@@ -85,7 +113,7 @@ def engine_kwargs(model: str | os.PathLike[str] | None = None, **overrides: Any)
             enforce_eager=True,
             kv_cache_memory_bytes=_CPU_KV_CACHE_BYTES,
             block_size=_CPU_BLOCK_SIZE,
-            dtype="bfloat16",
+            dtype=cpu_dtype(),
         )
     kwargs.update(overrides)
     return kwargs

