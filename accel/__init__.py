@@ -21,7 +21,7 @@ Example:
     >>> scatter_blocks(staged, kv, [0, 1])
 """
 
-from ._blake3 import PendingDigests, blake3_digests, launch_blake3_digests
+from ._blake3 import PendingDigests, blake3_digests, blake3_hex, launch_blake3_digests
 from ._blocks import BlockLayout, gather_blocks, scatter_blocks, staging_nbytes
 from ._copy import copy_segments
 from ._cuda import CupyMissingError
@@ -39,6 +39,7 @@ __all__ = [
     "StagingBuffer",
     "aligned_empty",
     "blake3_digests",
+    "blake3_hex",
     "block_views",
     "copy_segments",
     "cuda_available",

@@ -29,9 +29,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import blake3
-
 from ._errors import SnapshotChecksumError, SnapshotTruncatedError
+from .accel import blake3_hex
 from .weights import TensorEntry, WeightsManifest, WeightsStats, check_targets, read_weights_manifest
 
 if TYPE_CHECKING:
@@ -44,7 +43,6 @@ _CHUNK_NBYTES = 32 << 20
 # large requests in flight (4 x 32 MiB matched dd on the H100 host's disk).
 _NUM_READERS = 12
 _LANDING_MARGIN_NBYTES = 1 << 30
-_BIG_REGION_NBYTES = 32 << 20
 # GPU verification: a hashing launch per this many arrived bytes, queued behind their copies.
 _GPU_BATCH_NBYTES = 1 << 30
 _staging_lock = threading.Lock()
@@ -73,13 +71,6 @@ def release_staging() -> None:
 
 def _round_up(n: int) -> int:
     return -(-n // 4096) * 4096
-
-
-def _hash(view: Any) -> str:
-    threads = blake3.blake3.AUTO if view.nbytes >= _BIG_REGION_NBYTES else 1
-    hasher = blake3.blake3(max_threads=threads)
-    hasher.update(view)
-    return hasher.hexdigest()
 
 
 def _map(path: str, offset: int, nbytes: int, *, shared: bool) -> tuple[torch.Tensor, mmap.mmap]:
@@ -151,7 +142,6 @@ class _Verifier:
         self._arrived = [False] * max(1, -(-nbytes // chunk_nbytes))
         self._mark = 0
         self._next = 0
-        self._enabled = enabled
         self._landing = landing if enabled else None
         self._stream = stream
         self._hash_stream: Any = None
@@ -174,7 +164,7 @@ class _Verifier:
             entry = self._pairs[self._next][0]
             if self._pool is not None:
                 view = self._host[entry.offset : entry.offset + entry.nbytes]
-                self._futures.append((self._next, entry, self._pool.submit(_hash, view)))
+                self._futures.append((self._next, entry, self._pool.submit(blake3_hex, view)))
             elif self._landing is not None:
                 self._batch.append(self._next)
                 self._batch_nbytes += entry.nbytes
