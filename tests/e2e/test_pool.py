@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import snapfiles
-from helpers.pool_engines import ENGINE_KW, build_context_model, make_side_llm, shutdown
+from helpers.pool_engines import ENGINE_KW, build_context_model, make_side_llm, shutdown, worker_cores
 from vllm import SamplingParams, TokensPrompt
 
 import thaw_agents
@@ -50,7 +50,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def parent(model: Path, store: Path):
-    llm = make_side_llm(model)
+    # Two workers per pool below: the parent runs with a worker's thread count, so its solo runs
+    # sum in the same order as a worker's and greedy tokens compare exactly.
+    llm = make_side_llm(model, omp_cores=worker_cores(2))
     yield llm
     shutdown(llm)
 

@@ -24,28 +24,45 @@ def build_context_model(folder: Path) -> Path:
     return build_tiny_model(folder, initializer_range=0.2)
 
 
-def make_side_llm(model: str | Path, **overrides: Any):
+def worker_cores(workers: int) -> str:
+    """As many cores as each of ``workers`` pool workers gets (``ForkPool`` splits this
+    process's cores evenly), as ``VLLM_CPU_OMP_THREADS_BIND`` wants them."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    per = max(1, len(cores) // workers)
+    return ",".join(map(str, cores[:per]))
+
+
+def make_side_llm(model: str | Path, *, omp_cores: str | None = None, **overrides: Any):
     """A ``vllm.LLM`` whose engine core runs in a child process.
 
     vLLM keeps one worker-side KV connector per process, so a second *in-process* thaw
     engine cannot join the session's. vLLM caches its environment once an engine core has
-    started here, so the cache is dropped around the switch and the variable restored after.
+    started here, so the cache is dropped around the switch and the variables restored after.
+
+    ``omp_cores`` (``VLLM_CPU_OMP_THREADS_BIND``) sets the engine's thread count. A greedy
+    run compared token for token with another engine's must use as many threads as that
+    engine: a matmul split over another thread count sums in another order, and the tiny
+    random model's near-tied logits then pick another token (seen on AMX CPUs at token 11).
     """
     import vllm.envs as envs
 
     import thaw_agents
 
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    wanted = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    if omp_cores is not None:
+        wanted["VLLM_CPU_OMP_THREADS_BIND"] = omp_cores
+    previous = {key: os.environ.get(key) for key in wanted}
     with contextlib.suppress(AttributeError):
         envs.disable_envs_cache()
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ.update(wanted)
     try:
         return thaw_agents.make_llm(str(model), **{**ENGINE_KW, **overrides})
     finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def shutdown(llm: Any) -> None:
