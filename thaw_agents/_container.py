@@ -30,10 +30,22 @@ import blake3
 from ._errors import (
     SnapshotChecksumError,
     SnapshotFormatError,
-    SnapshotNotFoundError,
     SnapshotTruncatedError,
     SnapshotVersionError,
     write_failed,
+)
+from ._validate import (
+    CHUNK_NBYTES,
+    describe,
+    loads_bounded,
+    open_regular,
+    pread_all,
+    region_digest,
+    want_dict,
+    want_hex,
+    want_int,
+    want_list,
+    want_str,
 )
 
 __all__ = [
@@ -51,9 +63,13 @@ __all__ = [
 MAGIC = b"THAWSNAP"
 FORMAT_VERSION = 1
 PAYLOAD_ALIGN = 4096
-# A header is a manifest, not data: 64 MiB holds ~8M token ids and stops a hostile length
-# from making us allocate the disk.
-MAX_HEADER_NBYTES = 64 << 20
+# A header is a manifest, not data. A KV header costs ~20 bytes per token at block size 16
+# (the token id, and per block a chain key and a region entry), so 16 MiB fits ~800k tokens;
+# a weights header ~200 bytes per tensor. Together with the structure bounds of
+# _validate.loads_bounded it keeps a hostile header to a fraction of a second and ~100 MB.
+MAX_HEADER_NBYTES = 16 << 20
+# Regions are hashed through a buffer of this size: memory does not follow a declared size.
+_VERIFY_CHUNK_NBYTES = CHUNK_NBYTES
 _PREFIX = struct.Struct("<8sQ")
 CHECKSUM_ALGORITHM = "blake3"
 
@@ -158,7 +174,8 @@ def write_container(
     blob = _padded_header(header)
     directory = os.path.dirname(path) or "."
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".thaw-", suffix=".partial", dir=directory)
+        # The pid in the name lets a store tell a dead writer's leftovers from a live one's.
+        fd, tmp = tempfile.mkstemp(prefix=f".thaw-{os.getpid()}-", suffix=".partial", dir=directory)
     except OSError as exc:
         raise write_failed(path, exc) from exc
     try:
@@ -223,26 +240,25 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def read_container(path: str | os.PathLike[str], *, expect_kind: str | None = None) -> Container:
+def read_container(
+    path: str | os.PathLike[str], *, expect_kind: str | None = None, follow_symlinks: bool = True
+) -> Container:
     """Read and validate a container's header; the payload is checked for size, not content.
 
-    Validation order: existence, magic, header size, UTF-8 JSON, schema, format version,
-    kind, region offsets (contiguous, covering the payload exactly), file size.
-    Use :func:`verify_regions` to check the checksums.
+    Validation order: a regular file (never a FIFO, device, socket or directory; no symlink
+    when ``follow_symlinks`` is False), magic, header size, alignment, bounded UTF-8 JSON,
+    schema with strict types, format version, kind, region offsets (contiguous, covering the
+    payload exactly), file size. Use :func:`verify_regions` to check the checksums.
 
     Raises:
-        SnapshotNotFoundError, SnapshotFormatError, SnapshotVersionError, SnapshotTruncatedError
+        SnapshotNotFoundError, SnapshotFormatError, SnapshotVersionError,
+        SnapshotTruncatedError, SnapshotReadError
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)
+    fd = open_regular(path, follow_symlinks=follow_symlinks)
     try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed by the with below
-    except FileNotFoundError as exc:
-        raise SnapshotNotFoundError("no snapshot file here", path=path) from exc
-    except IsADirectoryError as exc:
-        raise SnapshotFormatError("this is a directory, not a snapshot file", path=path) from exc
-    with handle:
-        file_nbytes = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(_PREFIX.size)
+        file_nbytes = os.fstat(fd).st_size
+        prefix = pread_all(fd, _PREFIX.size, 0, path)
         if len(prefix) < _PREFIX.size:
             raise SnapshotTruncatedError(
                 f"file is {file_nbytes} bytes, shorter than the 16-byte prefix", path=path
@@ -258,11 +274,20 @@ def read_container(path: str | os.PathLike[str], *, expect_kind: str | None = No
             raise SnapshotTruncatedError(
                 f"header claims {header_nbytes} bytes but the file has {file_nbytes}", path=path
             )
-        blob = handle.read(header_nbytes)
-    try:
-        header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SnapshotFormatError(f"header is not UTF-8 JSON: {exc}", path=path) from exc
+        if (_PREFIX.size + header_nbytes) % PAYLOAD_ALIGN:
+            # The payload is mapped and read with O_DIRECT: both need page-aligned offsets.
+            raise SnapshotFormatError(
+                f"the payload starts at byte {_PREFIX.size + header_nbytes}, not "
+                f"{PAYLOAD_ALIGN}-aligned: not written by thaw-agents; re-create the file",
+                path=path,
+            )
+        blob = pread_all(fd, header_nbytes, _PREFIX.size, path)
+        if len(blob) < header_nbytes:
+            raise SnapshotTruncatedError("the file shrank while its header was read", path=path)
+    finally:
+        os.close(fd)
+    header = loads_bounded(blob, path)
+    del blob
     _check_schema(header, path)
     version = header["format_version"]
     if version != FORMAT_VERSION:
@@ -294,43 +319,42 @@ def read_container(path: str | os.PathLike[str], *, expect_kind: str | None = No
 
 
 def _check_schema(header: Any, path: str) -> None:
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise SnapshotFormatError("header is not a JSON object", path=path)
-    required: dict[str, type | tuple[type, ...]] = {
-        "format": str,
-        "format_version": int,
-        "kind": str,
-        "checksum_algorithm": str,
-        "payload_nbytes": int,
-        "regions": list,
-    }
-    for key, typ in required.items():
+    for key in ("format", "format_version", "kind", "checksum_algorithm", "payload_nbytes", "regions"):
         if key not in header:
             raise SnapshotFormatError(f"header lacks the field {key!r}", path=path)
-        value = header[key]
-        if not isinstance(value, typ) or isinstance(value, bool):
-            raise SnapshotFormatError(f"header field {key!r} has type {type(value).__name__}", path=path)
+    want_str(header["format"], "header field 'format'", path)
+    want_int(header["format_version"], "header field 'format_version'", path)
+    want_str(header["kind"], "header field 'kind'", path, max_len=64)
+    want_str(header["checksum_algorithm"], "header field 'checksum_algorithm'", path)
+    want_int(header["payload_nbytes"], "header field 'payload_nbytes'", path)
+    want_list(header["regions"], "header field 'regions'", path)
     if header["format"] != "thaw":
-        raise SnapshotFormatError(f"format is {header['format']!r}, expected 'thaw'", path=path)
+        raise SnapshotFormatError(f"format is {describe(header['format'])}, expected 'thaw'", path=path)
     if header["checksum_algorithm"] != CHECKSUM_ALGORITHM:
-        raise SnapshotFormatError(f"unknown checksum algorithm {header['checksum_algorithm']!r}", path=path)
+        raise SnapshotFormatError(
+            f"unknown checksum algorithm {describe(header['checksum_algorithm'])}", path=path
+        )
 
 
 def _parse_regions(header: dict[str, Any], path: str) -> Iterable[Region]:
     expected_offset = 0
     for index, entry in enumerate(header["regions"]):
-        try:
-            region = Region(
-                name=str(entry["name"]),
-                offset=int(entry["offset"]),
-                nbytes=int(entry["nbytes"]),
-                checksum=str(entry["checksum"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SnapshotFormatError(f"region {index} is malformed: {exc}", path=path) from exc
-        if region.offset != expected_offset or region.nbytes < 0:
+        what = f"region {index}"
+        want_dict(entry, what, path)
+        for key in ("name", "offset", "nbytes", "checksum"):
+            if key not in entry:
+                raise SnapshotFormatError(f"{what} lacks the field {key!r}", path=path)
+        region = Region(
+            name=want_str(entry["name"], f"{what} name", path),
+            offset=want_int(entry["offset"], f"{what} offset", path),
+            nbytes=want_int(entry["nbytes"], f"{what} nbytes", path),
+            checksum=want_hex(entry["checksum"], f"{what} checksum", path),
+        )
+        if region.offset != expected_offset:
             raise SnapshotFormatError(
-                f"region {index} ({region.name}) starts at {region.offset}, expected "
+                f"region {index} ({describe(region.name)}) starts at {region.offset}, expected "
                 f"{expected_offset}: regions must be contiguous",
                 path=path,
             )
@@ -343,25 +367,39 @@ def _parse_regions(header: dict[str, Any], path: str) -> Iterable[Region]:
         )
 
 
-def verify_regions(container: Container, indices: Iterable[int] | None = None) -> None:
+def verify_regions(
+    container: Container, indices: Iterable[int] | None = None, *, follow_symlinks: bool = True
+) -> None:
     """Check the checksums of the given regions (default: all).
+
+    Reads in chunks of at most 8 MiB into one reused buffer, so memory does not grow with
+    a region's declared size; the file is reopened as a regular file like the header was.
 
     Raises:
         SnapshotChecksumError: naming the first region whose bytes differ.
         SnapshotTruncatedError: the file shrank since its header was read.
     """
     wanted = range(len(container.regions)) if indices is None else indices
-    with open(container.path, "rb") as handle:
+    path = container.path
+    fd = open_regular(path, follow_symlinks=follow_symlinks)
+    try:
+        end = container.payload_offset + container.payload_nbytes
+        if os.fstat(fd).st_size < end:
+            raise SnapshotTruncatedError(
+                "the file shrank since its header was read; fetch or re-create it", path=path
+            )
+        buffer = bytearray(min(_VERIFY_CHUNK_NBYTES, max(1, container.payload_nbytes)))
+        view = memoryview(buffer)
         for index in wanted:
             region = container.regions[index]
-            handle.seek(container.payload_offset + region.offset)
-            data = handle.read(region.nbytes)
-            if len(data) != region.nbytes:
-                raise SnapshotTruncatedError(f"region {region.name} is cut short", path=container.path)
-            if checksum(data) != region.checksum:
+            if region_digest(fd, container.payload_offset + region.offset, region.nbytes, view, path) != (
+                region.checksum
+            ):
                 raise SnapshotChecksumError(
-                    f"region {index} ({region.name}) does not match its checksum: the file is "
-                    "corrupt. Re-create the snapshot or fetch it again.",
-                    path=container.path,
+                    f"region {index} ({describe(region.name)}) does not match its checksum: the "
+                    "file is corrupt. Re-create the snapshot or fetch it again.",
+                    path=path,
                     region=index,
                 )
+    finally:
+        os.close(fd)

@@ -13,7 +13,9 @@
     │   ├── SnapshotTruncatedError  the payload is shorter than the header says
     │   ├── SnapshotChecksumError   a region's bytes do not match its checksum
     │   ├── SnapshotMismatchError   another model, dtype, block size or KV layout
-    │   └── SnapshotWriteError (+OSError)  full disk, quota or permissions; nothing written
+    │   ├── SnapshotWriteError (+OSError)  full disk, quota or permissions; nothing written
+    │   ├── SnapshotReadError (+OSError)   permissions, I/O error, symlink loop, name too long
+    │   └── SnapshotChangedError    a mapped file changed under a reader; map it again
     ├── EngineError                 the engine refused or failed a thaw operation
     └── PoolError                   a ForkPool worker failed a step (boot, hydrate, generate)
         ├── WorkerDiedError         the worker process or actor exited
@@ -37,11 +39,13 @@ __all__ = [
     "ModelPreparationError",
     "PoolError",
     "PoolTimeoutError",
+    "SnapshotChangedError",
     "SnapshotChecksumError",
     "SnapshotError",
     "SnapshotFormatError",
     "SnapshotMismatchError",
     "SnapshotNotFoundError",
+    "SnapshotReadError",
     "SnapshotTruncatedError",
     "SnapshotVersionError",
     "SnapshotWriteError",
@@ -150,6 +154,24 @@ class SnapshotWriteError(SnapshotError, OSError):
     def __init__(self, message: str, *, path: str | None = None, errno: int | None = None) -> None:
         super().__init__(message, path=path)
         self.errno = errno
+
+
+class SnapshotReadError(SnapshotError, OSError):
+    """A snapshot or weights file exists but could not be read: permissions, an I/O error,
+    a symlink loop, a name too long.
+
+    Attributes:
+        errno: the operating system's error number, when known.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, errno: int | None = None) -> None:
+        super().__init__(message, path=path)
+        self.errno = errno
+
+
+class SnapshotChangedError(SnapshotError):
+    """A file held open by a reader (a mapped weights file) changed since it was opened:
+    another process truncated, rewrote or replaced it. Map or load it again."""
 
 
 def write_failed(path: str | os.PathLike[str], exc: OSError, nbytes: int | None = None) -> SnapshotWriteError:
