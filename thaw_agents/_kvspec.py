@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -24,6 +25,9 @@ from typing import Any
 
 import blake3
 import numpy as np
+
+from ._errors import SnapshotFormatError
+from ._validate import dtype_itemsize, want_dict, want_int, want_list, want_shape, want_str
 
 __all__ = ["HASH_SCHEME", "KVSpec", "LayerSpec", "chain_keys", "model_fingerprint", "snapshot_id"]
 
@@ -71,24 +75,16 @@ class KVSpec:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> KVSpec:
-        return cls(
-            model_name=str(data["model_name"]),
-            model_fingerprint=str(data["model_fingerprint"]),
-            vllm_version=str(data["vllm_version"]),
-            platform=str(data["platform"]),
-            kv_layout=str(data["kv_layout"]),
-            dtype=str(data["dtype"]),
-            block_size=int(data["block_size"]),
-            layers=tuple(
-                LayerSpec(
-                    name=str(lyr["name"]),
-                    block_shape=tuple(int(x) for x in lyr["block_shape"]),
-                    block_nbytes=int(lyr["block_nbytes"]),
-                )
-                for lyr in data["layers"]
-            ),
-        )
+    def from_json(cls, data: Any) -> KVSpec:
+        """Parse a spec, strictly: it may come from a file or another process.
+
+        Strings are strings, ints are ints (never bools, floats or numeric strings), the dtype
+        is a known one, and each layer's ``block_nbytes`` is its shape times the dtype's size.
+
+        Raises:
+            SnapshotFormatError: naming the first field that is wrong.
+        """
+        return _spec_from_json(cls, data)
 
     def differences(self, other: KVSpec) -> list[tuple[str, Any, Any]]:
         """Fields that differ, as (field, self's value, other's value), most telling first.
@@ -122,6 +118,60 @@ class KVSpec:
             "layers": [list(lyr.block_shape) for lyr in self.layers],
         }
         return json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
+
+
+_MAX_LAYERS = 4096
+_MAX_BLOCK_SIZE = 1 << 16
+
+
+def _spec_from_json(cls: type[KVSpec], data: Any) -> KVSpec:
+    data = want_dict(data, "kv_spec", None)
+    for key in (
+        "model_name",
+        "model_fingerprint",
+        "vllm_version",
+        "platform",
+        "kv_layout",
+        "dtype",
+        "block_size",
+        "layers",
+    ):
+        if key not in data:
+            raise SnapshotFormatError(f"kv_spec lacks the field {key!r}")
+    dtype = want_str(data["dtype"], "kv_spec.dtype", None)
+    itemsize = dtype_itemsize(dtype, "kv_spec.dtype", None)
+    raw_layers = want_list(data["layers"], "kv_spec.layers", None)
+    if len(raw_layers) > _MAX_LAYERS:
+        raise SnapshotFormatError(f"kv_spec lists {len(raw_layers)} layers (at most {_MAX_LAYERS})")
+    layers = []
+    for index, raw in enumerate(raw_layers):
+        what = f"kv_spec.layers[{index}]"
+        raw = want_dict(raw, what, None)
+        for key in ("name", "block_shape", "block_nbytes"):
+            if key not in raw:
+                raise SnapshotFormatError(f"{what} lacks the field {key!r}")
+        shape = want_shape(raw["block_shape"], f"{what}.block_shape", None)
+        nbytes = want_int(raw["block_nbytes"], f"{what}.block_nbytes", None)
+        if nbytes != math.prod(shape) * itemsize:
+            raise SnapshotFormatError(
+                f"{what}.block_nbytes is {nbytes}, but {list(shape)} of {dtype} is "
+                f"{math.prod(shape) * itemsize} bytes"
+            )
+        layers.append(
+            LayerSpec(
+                name=want_str(raw["name"], f"{what}.name", None), block_shape=shape, block_nbytes=nbytes
+            )
+        )
+    return cls(
+        model_name=want_str(data["model_name"], "kv_spec.model_name", None),
+        model_fingerprint=want_str(data["model_fingerprint"], "kv_spec.model_fingerprint", None),
+        vllm_version=want_str(data["vllm_version"], "kv_spec.vllm_version", None),
+        platform=want_str(data["platform"], "kv_spec.platform", None),
+        kv_layout=want_str(data["kv_layout"], "kv_spec.kv_layout", None),
+        dtype=dtype,
+        block_size=want_int(data["block_size"], "kv_spec.block_size", None, lo=1, hi=_MAX_BLOCK_SIZE),
+        layers=tuple(layers),
+    )
 
 
 def _layers_summary(layers: Sequence[LayerSpec]) -> str:

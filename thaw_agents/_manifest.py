@@ -18,9 +18,13 @@ from typing import Any
 
 from ._container import Container, read_container
 from ._errors import SnapshotFormatError, SnapshotMismatchError
-from ._kvspec import HASH_SCHEME, KVSpec, chain_keys
+from ._kvspec import HASH_SCHEME, KVSpec, chain_keys, snapshot_id
+from ._validate import describe, want_dict, want_hex, want_id, want_int, want_list, want_str, want_tokens
 
 __all__ = ["KVManifest", "ParentRef", "check_compatible", "read_kv_manifest"]
+
+# Blocks before a file's first one: a chain of 2**40 blocks is far beyond any real prefix.
+_MAX_BLOCKS = 2**40
 
 _HINTS = {
     "model_fingerprint": "hydrate it into an engine running the model it was taken from",
@@ -86,57 +90,63 @@ class KVManifest:
         return self.container.payload_offset + region.offset, region.nbytes, region.checksum
 
 
-def _field(data: dict[str, Any], key: str, typ: type, path: str) -> Any:
-    if key not in data:
-        raise SnapshotFormatError(f"manifest lacks {key!r}", path=path)
-    value = data[key]
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise SnapshotFormatError(f"manifest field {key!r} is not {typ.__name__}", path=path)
-    return value
-
-
-def _int_list(value: Any, key: str, path: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-        raise SnapshotFormatError(f"manifest field {key!r} must be a list of integers", path=path)
-    return tuple(value)
-
-
 def read_kv_manifest(
-    path: str | os.PathLike[str], *, expect_spec: KVSpec | None = None, check_keys: bool = True
+    path: str | os.PathLike[str],
+    *,
+    expect_spec: KVSpec | None = None,
+    check_keys: bool = True,
+    expect_id: str | None = None,
+    follow_symlinks: bool = True,
 ) -> KVManifest:
     """Read and validate a KV snapshot's header (no payload bytes are checked here).
 
-    Beyond the container's checks: the KV schema, the hash scheme, one region per block of
-    the declared size, and (``check_keys``) that the stored chain keys are the keys of the
-    stored token ids, so a manifest edited by hand is caught. With ``expect_spec`` the
-    snapshot's KV spec is compared with the target engine's right after it is parsed.
+    Beyond the container's checks: the KV schema with strict types and ranges, the hash
+    scheme, one region per block of the declared size, the chain keys recomputed from the
+    token ids, and the snapshot id recomputed from the last key, the tail and the layout:
+    a header edited by hand (one token id changed) is refused, never served under the id.
+    With ``expect_spec`` the snapshot's KV spec is compared with the target engine's right
+    after it is parsed; with ``expect_id`` the file must hold exactly that snapshot.
+
+    Args:
+        check_keys: kept for compatibility; the keys are always checked (a few
+            microseconds a block), since the id is only as good as the keys it is made of.
+        follow_symlinks: False refuses a symbolic link (files inside a snapshot store).
 
     Raises:
+        SnapshotNotFoundError, SnapshotFormatError, SnapshotVersionError,
+        SnapshotTruncatedError, SnapshotReadError
         SnapshotMismatchError: naming the first field that differs from ``expect_spec``.
     """
-    container = read_container(path, expect_kind="kv")
+    del check_keys  # always on: see above
+    container = read_container(path, expect_kind="kv", follow_symlinks=follow_symlinks)
     header, where = container.header, container.path
+    if "kv_spec" not in header:
+        raise SnapshotFormatError("manifest lacks 'kv_spec'", path=where)
     try:
-        spec = KVSpec.from_json(_field(header, "kv_spec", dict, where))
-    except (KeyError, TypeError, ValueError) as exc:
+        spec = KVSpec.from_json(header["kv_spec"])
+    except SnapshotFormatError as exc:
         raise SnapshotFormatError(f"kv_spec is malformed: {exc}", path=where) from exc
     if expect_spec is not None:
         check_compatible(spec, expect_spec, path=where)
-    scheme = _field(header, "hash_scheme", str, where)
+    scheme = want_str(header.get("hash_scheme"), "manifest field 'hash_scheme'", where)
     if scheme != HASH_SCHEME:
         raise SnapshotFormatError(
-            f"hash scheme {scheme!r} is unknown; this thaw-agents uses {HASH_SCHEME!r}", path=where
+            f"hash scheme {describe(scheme)} is unknown; this thaw-agents uses {HASH_SCHEME!r}",
+            path=where,
         )
-    snap = _field(header, "snapshot", dict, where)
-    snapshot_id = _field(snap, "id", str, where)
-    first_block = _field(snap, "first_block", int, where)
-    token_ids = _int_list(snap.get("token_ids"), "token_ids", where)
-    tail = _int_list(snap.get("tail_token_ids"), "tail_token_ids", where)
-    keys = snap.get("keys")
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise SnapshotFormatError("manifest field 'keys' must be a list of hex strings", path=where)
+    snap = want_dict(header.get("snapshot"), "manifest field 'snapshot'", where)
+    for key in ("id", "first_block", "token_ids", "tail_token_ids", "keys"):
+        if key not in snap:
+            raise SnapshotFormatError(f"manifest lacks 'snapshot.{key}'", path=where)
+    stored_id = want_id(snap["id"], "snapshot.id", where)
+    first_block = want_int(snap["first_block"], "snapshot.first_block", where, hi=_MAX_BLOCKS)
+    token_ids = want_tokens(snap["token_ids"], "snapshot.token_ids", where)
+    tail = want_tokens(snap["tail_token_ids"], "snapshot.tail_token_ids", where)
+    keys = want_list(snap["keys"], "snapshot.keys", where)
+    for index, key in enumerate(keys):
+        want_hex(key, f"snapshot.keys[{index}]", where)
     bs = spec.block_size
-    if bs <= 0 or len(token_ids) != len(keys) * bs:
+    if len(token_ids) != len(keys) * bs:
         raise SnapshotFormatError(
             f"{len(token_ids)} token ids do not fill {len(keys)} blocks of {bs}", path=where
         )
@@ -149,19 +159,11 @@ def read_kv_manifest(
     for region in container.regions:
         if region.nbytes != spec.block_nbytes:
             raise SnapshotFormatError(
-                f"region {region.name} holds {region.nbytes} bytes; a block is {spec.block_nbytes}",
+                f"region {describe(region.name)} holds {region.nbytes} bytes; a block is {spec.block_nbytes}",
                 path=where,
             )
-    parent_data = snap.get("parent")
-    parent: ParentRef | None = None
-    if parent_data is not None:
-        if not isinstance(parent_data, dict):
-            raise SnapshotFormatError("manifest field 'parent' must be an object or null", path=where)
-        parent = ParentRef(
-            snapshot_id=_field(parent_data, "snapshot_id", str, where),
-            num_blocks=_field(parent_data, "num_blocks", int, where),
-            last_key=_field(parent_data, "last_key", str, where),
-        )
+    parent = _parent(snap.get("parent"), where)
+    if parent is not None:
         if parent.num_blocks != first_block:
             raise SnapshotFormatError(
                 f"starts at block {first_block} but its parent holds {parent.num_blocks}",
@@ -169,22 +171,51 @@ def read_kv_manifest(
             )
     elif first_block != 0:
         raise SnapshotFormatError(f"starts at block {first_block} without a parent", path=where)
-    if check_keys and keys:
-        start = bytes.fromhex(parent.last_key) if parent else None
-        expected = [k.hex() for k in chain_keys(spec, token_ids, start_key=start)]
-        if expected != keys:
-            raise SnapshotFormatError(
-                "the block keys do not match the token ids: the manifest was edited or corrupted",
-                path=where,
-            )
+    start = bytes.fromhex(parent.last_key) if parent else None
+    expected = [k.hex() for k in chain_keys(spec, token_ids, start_key=start)]
+    if expected != keys:
+        raise SnapshotFormatError(
+            "the block keys do not match the token ids: the manifest was edited or corrupted; "
+            "re-create the snapshot",
+            path=where,
+        )
+    last_key = bytes.fromhex(keys[-1]) if keys else (start or b"")
+    computed_id = snapshot_id(spec, last_key, tail)
+    if computed_id != stored_id:
+        raise SnapshotFormatError(
+            f"the snapshot id {stored_id} is not the id of its content ({computed_id}): the "
+            "manifest was edited or corrupted; re-create the snapshot",
+            path=where,
+        )
+    if expect_id is not None and stored_id != expect_id:
+        raise SnapshotFormatError(
+            f"the file under the name {describe(expect_id)} holds another snapshot ({stored_id}); "
+            "remove it and save the snapshot again",
+            path=where,
+        )
+    created_by = header.get("created_by", "")
     return KVManifest(
         container=container,
         spec=spec,
-        snapshot_id=snapshot_id,
+        snapshot_id=stored_id,
         first_block=first_block,
         token_ids=token_ids,
         tail_token_ids=tail,
         keys=tuple(keys),
         parent=parent,
-        created_by=str(header.get("created_by", "")),
+        created_by=want_str(created_by, "manifest field 'created_by'", where),
+    )
+
+
+def _parent(data: Any, where: str) -> ParentRef | None:
+    if data is None:
+        return None
+    data = want_dict(data, "snapshot.parent", where)
+    for key in ("snapshot_id", "num_blocks", "last_key"):
+        if key not in data:
+            raise SnapshotFormatError(f"manifest lacks 'snapshot.parent.{key}'", path=where)
+    return ParentRef(
+        snapshot_id=want_id(data["snapshot_id"], "snapshot.parent.snapshot_id", where),
+        num_blocks=want_int(data["num_blocks"], "snapshot.parent.num_blocks", where, hi=_MAX_BLOCKS),
+        last_key=want_hex(data["last_key"], "snapshot.parent.last_key", where),
     )

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,6 +38,7 @@ from . import __version__
 from ._container import _PREFIX, CHECKSUM_ALGORITHM, FORMAT_VERSION, MAGIC, Container, _padded_header
 from ._container import read_container as _read_container
 from ._errors import SnapshotFormatError, SnapshotMismatchError, write_failed
+from ._validate import describe, dtype_itemsize, want_dict, want_list, want_shape, want_str
 
 if TYPE_CHECKING:
     import torch
@@ -279,40 +281,54 @@ def freeze_module(
     )
 
 
-def read_weights_manifest(path: str | os.PathLike[str]) -> WeightsManifest:
+def read_weights_manifest(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> WeightsManifest:
     """Read and validate a weights file's header (no payload byte is read).
 
-    Raises:
-        SnapshotNotFoundError, SnapshotFormatError, SnapshotVersionError, SnapshotTruncatedError
-    """
-    container = _read_container(path, expect_kind=KIND)
-    where = container.path
-    meta = container.header.get("weights")
-    if not isinstance(meta, dict):
-        raise SnapshotFormatError("weights file lacks its 'weights' manifest", path=where)
-    for key in ("model_name", "model_fingerprint"):
-        if not isinstance(meta.get(key), str):
-            raise SnapshotFormatError(
-                f"weights manifest field {key!r} is missing or not a string", path=where
-            )
-    listed = meta.get("tensors")
-    if not isinstance(listed, list) or len(listed) != len(container.regions):
-        raise SnapshotFormatError("weights manifest must list one tensor per region", path=where)
-    import numpy as np
+    Strict like the KV reader: names are strings, one tensor per region with the region's
+    name, unique names, a dtype from a closed set, a shape of ints >= 0 whose exact product
+    times the dtype's size is the region's size.
 
+    Args:
+        follow_symlinks: False refuses a symbolic link.
+
+    Raises:
+        SnapshotNotFoundError, SnapshotFormatError, SnapshotVersionError, SnapshotTruncatedError,
+        SnapshotReadError
+    """
+    container = _read_container(path, expect_kind=KIND, follow_symlinks=follow_symlinks)
+    where = container.path
+    meta = want_dict(container.header.get("weights"), "the 'weights' manifest", where)
+    for key in ("model_name", "model_fingerprint"):
+        want_str(meta.get(key), f"weights manifest field {key!r}", where)
+    listed = want_list(meta.get("tensors"), "weights manifest field 'tensors'", where)
+    if len(listed) != len(container.regions):
+        raise SnapshotFormatError(
+            f"weights manifest lists {len(listed)} tensors for {len(container.regions)} regions: "
+            "it must list one tensor per region",
+            path=where,
+        )
     entries = []
+    seen: set[str] = set()
     for index, (item, region) in enumerate(zip(listed, container.regions, strict=True)):
-        if not isinstance(item, dict) or item.get("name") != region.name:
-            raise SnapshotFormatError(f"tensor {index} does not match region {region.name!r}", path=where)
-        dtype, shape = item.get("dtype"), item.get("shape")
-        if dtype not in _DTYPES:
-            raise SnapshotFormatError(f"tensor {region.name} has unsupported dtype {dtype!r}", path=where)
-        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise SnapshotFormatError(f"tensor {region.name} has a malformed shape {shape!r}", path=where)
-        expected = int(np.prod(shape, dtype=np.int64)) * _itemsize(dtype)
+        what = f"tensor {index}"
+        item = want_dict(item, what, where)
+        if item.get("name") != region.name:
+            raise SnapshotFormatError(
+                f"{what} is named {describe(item.get('name'))}, its region {describe(region.name)}",
+                path=where,
+            )
+        if region.name in seen:
+            raise SnapshotFormatError(f"{what} repeats the name {describe(region.name)}", path=where)
+        seen.add(region.name)
+        dtype = item.get("dtype")
+        if dtype not in _DTYPES:  # the writer's closed set (not every name torch has)
+            raise SnapshotFormatError(f"{what} has unsupported dtype {describe(dtype)}", path=where)
+        itemsize = dtype_itemsize(dtype, f"{what} dtype", where)
+        shape = want_shape(item.get("shape"), f"{what} shape", where)
+        expected = math.prod(shape) * itemsize
         if expected != region.nbytes:
             raise SnapshotFormatError(
-                f"tensor {region.name} is {dtype}{shape} = {expected} bytes "
+                f"tensor {describe(region.name)} is {dtype}{list(shape)} = {expected} bytes "
                 f"but its region has {region.nbytes}",
                 path=where,
             )
@@ -320,7 +336,7 @@ def read_weights_manifest(path: str | os.PathLike[str]) -> WeightsManifest:
             TensorEntry(
                 name=region.name,
                 dtype=dtype,
-                shape=tuple(shape),
+                shape=shape,
                 offset=region.offset,
                 nbytes=region.nbytes,
                 checksum=region.checksum,
@@ -331,14 +347,8 @@ def read_weights_manifest(path: str | os.PathLike[str]) -> WeightsManifest:
         model_name=meta["model_name"],
         model_fingerprint=meta["model_fingerprint"],
         tensors=tuple(entries),
-        created_by=str(container.header.get("created_by", "")),
+        created_by=want_str(container.header.get("created_by", ""), "field 'created_by'", where),
     )
-
-
-def _itemsize(dtype: str) -> int:
-    import torch
-
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def check_targets(

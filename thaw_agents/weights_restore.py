@@ -14,7 +14,9 @@ Sources of the bytes:
 * ``buffered``: the same through the page cache (warm files).
 * ``mmap``: the file mapped in place; on CUDA page-locked with ``cudaHostRegister`` so the
   GPU copies straight out of it (the ``/dev/shm`` same-host hand-off).
-* :class:`HostWeights`: a verified copy kept in pinned memory (restore = host-to-device only).
+* :class:`HostWeights`: a verified copy kept in pinned memory (restore = host-to-device only),
+  or a ``/dev/shm`` file mapped and page-locked once (CUDA only; checked unchanged before
+  every restore).
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ import contextlib
 import mmap
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from ._errors import SnapshotChecksumError, SnapshotTruncatedError
+from ._errors import SnapshotChangedError, SnapshotChecksumError, SnapshotTruncatedError
+from ._validate import open_regular, read_failed
 from .accel import blake3_hex
 from .weights import TensorEntry, WeightsManifest, WeightsStats, check_targets, read_weights_manifest
 
@@ -73,21 +77,30 @@ def _round_up(n: int) -> int:
     return -(-n // 4096) * 4096
 
 
-def _map(path: str, offset: int, nbytes: int, *, shared: bool) -> tuple[torch.Tensor, mmap.mmap]:
+def _map(
+    path: str, offset: int, nbytes: int, *, shared: bool, keep_fd: bool = False
+) -> tuple[torch.Tensor, mmap.mmap, int | None]:
     """Map the payload. ``shared``: the file's own pages (what cudaHostRegister must lock for a
-    zero-copy /dev/shm hand-off); otherwise a private, never-written mapping of a read-only fd."""
+    zero-copy /dev/shm hand-off); otherwise a private, never-written mapping of a read-only fd.
+    ``keep_fd``: return the open fd (its owner closes it), else None."""
     import torch
 
+    nonblock = os.O_NONBLOCK | os.O_CLOEXEC  # never wait on a FIFO swapped in since the header
     try:
-        fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
+        fd = os.open(path, (os.O_RDWR if shared else os.O_RDONLY) | nonblock)
     except PermissionError:
-        fd, shared = os.open(path, os.O_RDONLY), False
+        fd, shared = os.open(path, os.O_RDONLY | nonblock), False
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotChangedError("is no longer a regular file; read it again", path=path)
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
         region = mmap.mmap(fd, nbytes, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-    finally:
+    except BaseException:
         os.close(fd)
-    return torch.frombuffer(region, dtype=torch.uint8), region
+        raise
+    if not keep_fd:
+        os.close(fd)
+    return torch.frombuffer(region, dtype=torch.uint8), region, fd if keep_fd else None
 
 
 def _on_tmpfs(path: str) -> bool:
@@ -318,7 +331,7 @@ def restore_from_file(manifest: WeightsManifest, pairs: Pairs, *, source: str = 
         else:
             source = "direct" if probe_o_direct(os.path.dirname(os.path.abspath(path))) else "buffered"
     if source == "mmap":
-        host, region = _map(path, offset, nbytes, shared=cuda)
+        host, region, _ = _map(path, offset, nbytes, shared=cuda)
         registration = None
         route = "mmap"
         if cuda:
@@ -364,14 +377,18 @@ def _close(region: mmap.mmap) -> None:
 
 
 class HostWeights:
-    """A weights file held in page-locked host memory, for repeated fast restores.
+    """A weights file held in host memory, for repeated fast restores.
 
-    :meth:`load` reads and verifies the file once into private pinned memory; :meth:`map`
-    maps a ``/dev/shm`` file in place and page-locks it once (``cudaHostRegister``), the
-    same-host hand-off: no copy on the host at all. :meth:`restore` then copies host to
-    device into a model's tensors; a mapped file is verified again on every restore (another
-    process may have rewritten it), on the GPU and overlapped with the copy (48 GB/s for
-    8.5 GB on an H100, 88% of its pinned copy bandwidth).
+    :meth:`load` reads and verifies the file once into private (pinned with CUDA) memory.
+    :meth:`map` is the same-host hand-off of a ``/dev/shm`` file: with CUDA it maps the file
+    in place and page-locks it once (``cudaHostRegister``), no copy on the host at all; without
+    CUDA it reads the file into private memory, since there a mapping saves nothing and a file
+    truncated under a mapping would kill the process with SIGBUS. :meth:`restore` then copies
+    into a model's tensors. A mapped file is verified again on every restore (another process
+    may have rewritten it), on the GPU and overlapped with the copy (48 GB/s for 8.5 GB on an
+    H100, 88% of its pinned copy bandwidth), and before every restore the file is checked to
+    be unchanged (same inode, size and mtime): a changed file raises
+    :class:`~thaw_agents._errors.SnapshotChangedError`, map it again.
 
     Example:
         >>> import torch
@@ -391,6 +408,8 @@ class HostWeights:
         self.host = host
         self.verified = verified
         self._keep = keep
+        self._fd: int | None = None
+        self._stat: os.stat_result | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, pin_memory: bool | None = None) -> HostWeights:
@@ -405,6 +424,8 @@ class HostWeights:
             read_into(manifest.path, manifest.container.payload_offset, nbytes, host, num_readers=16)
         except EOFError as exc:
             raise SnapshotTruncatedError(str(exc), path=manifest.path) from exc
+        except OSError as exc:
+            raise read_failed(manifest.path, exc) from exc
         verifier = _Verifier([(e, host) for e in manifest.tensors], host, nbytes, _CHUNK_NBYTES, True)
         _chunks(nbytes)(lambda a, b: verifier.arrived(a))
         verifier.check(manifest.path)
@@ -412,21 +433,76 @@ class HostWeights:
 
     @classmethod
     def map(cls, path: str | os.PathLike[str], *, verify: bool = True) -> HostWeights:
-        """Map ``path`` (a ``/dev/shm`` file) in place and page-lock it when CUDA is present.
+        """Hold ``path`` (a ``/dev/shm`` file) for restores: mapped in place and page-locked with
+        CUDA, read into private memory without (see the class docstring).
 
         Args:
             verify: check every checksum on each restore (default). ``False`` trusts whoever
                 wrote the file (a process of yours on this host): the header, manifest and
                 target checks still run, the payload is copied unchecked.
+
+        Raises:
+            SnapshotError: the header is bad, or the file is shorter than it says.
         """
-        from .accel import HostRegistration, cuda_available
+        from .accel import HostRegistration, aligned_empty, cuda_available
 
         manifest = read_weights_manifest(path)
-        host, region = _map(
-            manifest.path, manifest.container.payload_offset, max(1, manifest.nbytes), shared=True
-        )
-        registration = HostRegistration(host) if cuda_available() else None
-        return cls(manifest, host, verified=not verify, keep=(region, registration))
+        where, offset, nbytes = manifest.path, manifest.container.payload_offset, manifest.nbytes
+        if cuda_available():
+            # The GPU reads registered pages by DMA: a truncation fails the copy, it cannot
+            # raise SIGBUS in this process.
+            host, region, fd = _map(where, offset, max(1, nbytes), shared=True, keep_fd=True)
+            assert fd is not None
+            try:
+                _check_size(fd, offset + nbytes, where)
+                registration = HostRegistration(host)
+            except BaseException:
+                del host
+                _close(region)
+                os.close(fd)
+                raise
+            keep: Any = (region, registration)
+        else:
+            fd = open_regular(where)
+            try:
+                _check_size(fd, offset + nbytes, where)
+                host = aligned_empty(_round_up(max(nbytes, 1)), pin_memory=False)
+                _pread_into(fd, offset, nbytes, host.numpy(), where)
+            except BaseException:
+                os.close(fd)
+                raise
+            keep = None
+        cached = cls(manifest, host, verified=not verify, keep=keep)
+        cached._fd, cached._stat = fd, os.fstat(fd)
+        return cached
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`SnapshotChangedError` if the mapped file was changed, replaced or removed
+        since :meth:`map` (a no-op for :meth:`load`, whose copy is private)."""
+        if self._fd is None or self._stat is None:
+            if self.host is None:
+                raise SnapshotChangedError("this HostWeights is closed; map the file again")
+            return
+        path, before = self.manifest.path, self._stat
+        now = os.fstat(self._fd)
+        if (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise SnapshotChangedError(
+                f"the file changed since it was mapped ({before.st_size} -> {now.st_size} bytes, "
+                "or rewritten); map it again with HostWeights.map",
+                path=path,
+            )
+        try:
+            named = os.stat(path)
+        except OSError as exc:
+            raise SnapshotChangedError(
+                "the file was removed since it was mapped; map the new file again", path=path
+            ) from exc
+        if (named.st_dev, named.st_ino) != (before.st_dev, before.st_ino):
+            raise SnapshotChangedError(
+                "another file now has this name (it was replaced since it was mapped); "
+                "map it again with HostWeights.map",
+                path=path,
+            )
 
     def restore(
         self, targets: Any, *, expect_fingerprint: str | None = None, landing: bool | None = None
@@ -436,7 +512,11 @@ class HostWeights:
         Args:
             landing: stage through a device landing buffer; default: only when the bytes
                 must be verified (a mapped file), so the check overlaps the copy.
+
+        Raises:
+            SnapshotChangedError: a mapped file changed since :meth:`map`; map it again.
         """
+        self.check_unchanged()
         items = targets.items() if hasattr(targets, "items") else targets
         pairs = check_targets(self.manifest, items, expect_fingerprint=expect_fingerprint)
         verify = not self.verified
@@ -451,7 +531,7 @@ class HostWeights:
         )
 
     def close(self) -> None:
-        """Unregister and unmap (a mapped file); drop the host copy."""
+        """Unregister and unmap (a mapped file); drop the host copy; close the file."""
         if self._keep is not None:
             region, registration = self._keep
             if registration is not None:
@@ -459,3 +539,29 @@ class HostWeights:
             self.host = None  # type: ignore[assignment]
             _close(region)
             self._keep = None
+        if self._fd is not None:
+            self.host = None  # type: ignore[assignment]
+            os.close(self._fd)
+            self._fd = None
+
+
+def _check_size(fd: int, end: int, path: str) -> None:
+    size = os.fstat(fd).st_size
+    if size < end:
+        raise SnapshotTruncatedError(f"the file is {size} bytes, its header says {end}", path=path)
+    if size > end:
+        raise SnapshotChangedError("the file grew since its header was read; map it again", path=path)
+
+
+def _pread_into(fd: int, offset: int, nbytes: int, out: Any, path: str) -> None:
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < nbytes:
+        want = min(nbytes - done, _CHUNK_NBYTES)
+        try:
+            got = os.preadv(fd, [view[done : done + want]], offset + done)
+        except OSError as exc:
+            raise read_failed(path, exc) from exc
+        if got <= 0:
+            raise SnapshotTruncatedError("the file shrank while it was read; map it again", path=path)
+        done += got
