@@ -25,7 +25,9 @@ class ChatThawAdapter:
     def __init__(self, chat: ChatThaw) -> None:
         self._chat = chat
 
-    def kv_spec(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
+        """The engine's KV spec and snapshot store (``{"spec": ..., "store": ...}``)."""
+
         async def describe() -> dict[str, Any]:
             handle = await self._chat._handle()
             replies = await handle.engine.collective_rpc("thaw_describe")
@@ -34,7 +36,7 @@ class ChatThawAdapter:
         reply = _runtime.runtime.run(describe())
         if "error" in reply:
             raise thaw_agents.ConfigError(reply["error"])
-        return reply["spec"]
+        return reply
 
     def prefix_token_ids(self, prefix: Any) -> list[int]:
         if isinstance(prefix, str):
@@ -54,8 +56,12 @@ class ChatThawAdapter:
 
         return _runtime.runtime.run(render())
 
-    def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> int:
-        async def run() -> int:
+    def run_prefix(
+        self, token_ids: list[int], kv_transfer_params: dict[str, Any]
+    ) -> tuple[int, dict[str, Any] | None]:
+        """Run the prompt for one token: (tokens served from cache or snapshot, thaw report)."""
+
+        async def run() -> tuple[int, dict[str, Any] | None]:
             from vllm import SamplingParams, TokensPrompt
             from vllm.sampling_params import RequestOutputKind
 
@@ -66,13 +72,16 @@ class ChatThawAdapter:
                 output_kind=RequestOutputKind.FINAL_ONLY,
                 extra_args={"kv_transfer_params": kv_transfer_params},
             )
-            cached = 0
+            cached, report = 0, None
             async for output in handle.engine.generate(
                 TokensPrompt(prompt_token_ids=token_ids), params, f"thaw-fork-{uuid.uuid4().hex}"
             ):
                 cached = int(output.num_cached_tokens or 0)
+                transfer = output.kv_transfer_params
+                if isinstance(transfer, dict) and isinstance(transfer.get("thaw"), dict):
+                    report = transfer["thaw"]
                 if output.outputs and output.outputs[0].finish_reason == "error":
                     raise thaw_agents.EngineError("the engine failed the thaw request")
-            return cached
+            return cached, report
 
         return _runtime.runtime.run(run())

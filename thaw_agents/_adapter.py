@@ -9,27 +9,59 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ._errors import ConfigError, EngineError
 from ._kvspec import KVSpec
 
-__all__ = ["EngineAdapter", "LLMAdapter", "adapter_for"]
+__all__ = ["EngineAdapter", "LLMAdapter", "PrefixRun", "adapter_for"]
 
 Prefix = str | Sequence[int] | Sequence[dict[str, Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixRun:
+    """What a one-token prefix request reports: tokens served from cache or snapshot, and the
+    connector's ``kv_transfer_params["thaw"]`` report (None when it sent none)."""
+
+    num_cached_tokens: int
+    report: dict[str, Any] | None = None
+
+
 @runtime_checkable
 class EngineAdapter(Protocol):
-    """What an engine front offers fork/hydrate. ``kv_spec`` may return the spec as JSON data."""
+    """What an engine front offers fork/hydrate.
 
-    def kv_spec(self) -> KVSpec | dict[str, Any]: ...
+    ``describe`` returns the engine's ``thaw_describe`` reply: ``{"spec": <KVSpec JSON>,
+    "store": <folder>}``; ``run_prefix`` returns ``(num_cached_tokens, thaw report or None)``.
+    """
+
+    def describe(self) -> dict[str, Any]: ...
 
     def prefix_token_ids(self, prefix: Prefix) -> list[int]: ...
 
-    def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> int:
-        """Run ``token_ids`` as a prompt for one token; return its ``num_cached_tokens``."""
+    def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> Any:
+        """Run ``token_ids`` as a prompt for one token."""
         ...
+
+
+def thaw_report(kv_transfer_params: Any) -> dict[str, Any] | None:
+    """The connector's report in a finished request's ``kv_transfer_params``."""
+    if isinstance(kv_transfer_params, dict) and isinstance(kv_transfer_params.get("thaw"), dict):
+        return kv_transfer_params["thaw"]
+    return None
+
+
+def _describe_reply(replies: list[Any]) -> dict[str, Any]:
+    reply = replies[0] if replies else {"error": "the engine has no workers"}
+    if not isinstance(reply, dict) or "error" in reply:
+        error = reply.get("error") if isinstance(reply, dict) else reply
+        raise ConfigError(f"{error}; build the engine with thaw_agents.engine_kwargs()")
+    if len(replies) > 1:
+        raise ConfigError("tensor/pipeline parallel engines are not supported by fork yet")
+    return reply
 
 
 def _is_messages(prefix: Any) -> bool:
@@ -57,10 +89,10 @@ class LLMAdapter:
 
     def __init__(self, llm: Any) -> None:
         self._llm = llm
-        self._spec: KVSpec | None = None
+        self._reply: dict[str, Any] | None = None
 
-    def kv_spec(self) -> KVSpec:
-        if self._spec is None:
+    def describe(self) -> dict[str, Any]:
+        if self._reply is None:
             try:
                 replies = self._llm.collective_rpc("thaw_describe")
             except Exception as exc:
@@ -68,13 +100,8 @@ class LLMAdapter:
                     "this engine was not built with thaw's worker extension; build it with "
                     "vllm.LLM(**thaw_agents.engine_kwargs(...)) or thaw_agents.make_llm()"
                 ) from exc
-            reply = replies[0]
-            if "error" in reply:
-                raise ConfigError(f"{reply['error']}; build the engine with thaw_agents.engine_kwargs()")
-            if len(replies) > 1:
-                raise ConfigError("tensor/pipeline parallel engines are not supported by fork yet")
-            self._spec = KVSpec.from_json(reply["spec"])
-        return self._spec
+            self._reply = _describe_reply(list(replies))
+        return self._reply
 
     def prefix_token_ids(self, prefix: Prefix) -> list[int]:
         if isinstance(prefix, str):
@@ -93,7 +120,7 @@ class LLMAdapter:
             return list(prefix)
         raise ConfigError("prefix must be a string, a list of token ids, or a list of chat messages")
 
-    def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> int:
+    def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> PrefixRun:
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(
@@ -103,14 +130,16 @@ class LLMAdapter:
         output = outputs[0]
         if output.outputs and output.outputs[0].finish_reason == "error":
             raise EngineError("the engine failed the thaw request; see the engine log")
-        return int(output.num_cached_tokens or 0)
+        return PrefixRun(int(output.num_cached_tokens or 0), thaw_report(output.kv_transfer_params))
 
 
-_ADAPTERS: weakref.WeakKeyDictionary[Any, EngineAdapter] = weakref.WeakKeyDictionary()
+_ADAPTERS: weakref.WeakKeyDictionary[Any, LLMAdapter] = weakref.WeakKeyDictionary()
 
 
-def adapter_for(engine: Any) -> EngineAdapter:
+def adapter_for(engine: Any) -> _Normalised:
     """The adapter of a ``vllm.LLM``, or of anything exposing ``_thaw_adapter()``."""
+    if isinstance(engine, _Normalised):
+        return engine
     if hasattr(engine, "_thaw_adapter"):
         return _Normalised(engine._thaw_adapter())
     if hasattr(engine, "collective_rpc") and hasattr(engine, "generate"):
@@ -122,7 +151,7 @@ def adapter_for(engine: Any) -> EngineAdapter:
             adapter = LLMAdapter(engine)
             with contextlib.suppress(TypeError):  # not weak-referenceable: no caching
                 _ADAPTERS[engine] = adapter
-        return adapter
+        return _Normalised(adapter)
     raise ConfigError(
         f"cannot fork from {type(engine).__name__}: pass a vllm.LLM built with "
         "thaw_agents.engine_kwargs(), or a ChatThaw"
@@ -130,17 +159,28 @@ def adapter_for(engine: Any) -> EngineAdapter:
 
 
 class _Normalised:
-    """Wraps a foreign adapter so ``kv_spec`` always returns a :class:`KVSpec`."""
+    """Wraps an adapter (ours or a front's ``_thaw_adapter()``) with typed results."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
 
+    def describe(self) -> dict[str, Any]:
+        return self._inner.describe()
+
     def kv_spec(self) -> KVSpec:
-        spec = self._inner.kv_spec()
+        spec = self.describe()["spec"]
         return spec if isinstance(spec, KVSpec) else KVSpec.from_json(spec)
+
+    def store(self) -> Path:
+        """The engine connector's snapshot store (where it reads and writes by id)."""
+        return Path(self.describe()["store"])
 
     def prefix_token_ids(self, prefix: Prefix) -> list[int]:
         return self._inner.prefix_token_ids(prefix)
 
-    def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> int:
-        return self._inner.run_prefix(token_ids, kv_transfer_params)
+    def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> PrefixRun:
+        run = self._inner.run_prefix(token_ids, kv_transfer_params)
+        if isinstance(run, PrefixRun):
+            return run
+        cached, report = run
+        return PrefixRun(int(cached), report)

@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigError, DependencyError
+from ._store import store_dir
 from .models import resolve_model
 
 if TYPE_CHECKING:
@@ -78,7 +79,9 @@ def engine_kwargs(model: str | os.PathLike[str] | None = None, **overrides: Any)
     bf16). ``model=None`` means the default model.
 
     ``kv_connector_extra_config`` given in ``overrides`` is merged into the connector's
-    config rather than replacing the connector.
+    config rather than replacing the connector. The connector's snapshot store is the
+    user's store (``THAW_AGENTS_STORE``) as resolved now, unless ``{"store": FOLDER}`` is
+    given there: an engine opens snapshot files only inside it.
 
     Example:
         >>> kw = engine_kwargs("/models/llama", max_model_len=8192)    # doctest: +SKIP
@@ -86,6 +89,7 @@ def engine_kwargs(model: str | os.PathLike[str] | None = None, **overrides: Any)
         True
     """
     extra = dict(overrides.pop("kv_connector_extra_config", None) or {})
+    extra.setdefault("store", str(store_dir()))
     if "kv_transfer_config" in overrides and overrides["kv_transfer_config"] is not None:
         ktc = overrides["kv_transfer_config"]
         name = ktc.get("kv_connector") if isinstance(ktc, dict) else getattr(ktc, "kv_connector", None)

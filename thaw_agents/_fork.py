@@ -11,11 +11,8 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,24 +20,35 @@ from typing import Any
 
 from ._adapter import Prefix, adapter_for
 from ._container import verify_regions
-from ._errors import ConfigError, EngineError, SnapshotNotFoundError, SnapshotWriteError
+from ._errors import (
+    ConfigError,
+    EngineError,
+    SnapshotNotFoundError,
+    SnapshotWriteError,
+)
 from ._kvspec import KVSpec, chain_keys, snapshot_id
-from ._manifest import KVManifest, read_kv_manifest
+from ._manifest import KVManifest, check_compatible, read_kv_manifest
 from ._store import (
     SUFFIX,
+    check_links,
     copy_from_uri,
     copy_to_uri,
+    import_snapshot,
     is_local_uri,
     local_path,
+    partial_prefix,
+    read_in_store,
+    resolve_chain,
     sibling_uri,
+    snapshot_path,
     store_dir,
+    take_save_error,
 )
-from .connector.params import load_params, save_params
+from .connector.params import is_snapshot_id, load_params, save_params
 
 __all__ = ["ForkHandle", "fork", "with_fork"]
 
 logger = logging.getLogger(__name__)
-_ID_RE = re.compile(r"^thaw-[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)
@@ -52,7 +60,8 @@ class ForkHandle:
         token_ids: the whole prefix, including a partial last block.
         num_tokens: ``len(token_ids)``.
         num_snapshot_tokens: tokens in full blocks, the most a restore can serve.
-        paths: local files of the chain, root first.
+        paths: the chain's files in a snapshot store, root first (an engine only ever sees
+            the id; its connector opens the files of its own store).
     """
 
     id: str
@@ -104,27 +113,52 @@ class ForkHandle:
     def kv_transfer_params(self) -> dict[str, Any]:
         """``kv_transfer_params`` that make one request load this prefix from the snapshot.
 
+        They name the snapshot by id: the engine's connector finds it in its store. An engine
+        with another store than this handle's files needs :meth:`hydrate` or :func:`with_fork`
+        with the engine (which bring the files there) first.
+
         Example:
             >>> sp = SamplingParams(max_tokens=64, extra_args={          # doctest: +SKIP
             ...     "kv_transfer_params": handle.kv_transfer_params()})
         """
-        return load_params([str(p) for p in self.paths])
+        return load_params(self.id)
 
     def hydrate(self, engine: Any) -> int:
         """Make ``engine`` serve this prefix from the snapshot; return the tokens it served.
 
         Checks every file against the engine first (model, dtype, block size, KV layout):
         nothing reaches an engine that does not match. The prefix then sits in the engine's
-        prefix cache, so any request starting with ``token_ids`` skips its prefill.
+        prefix cache, so any request starting with ``token_ids`` skips its prefill. The count
+        is honest: a block the engine found corrupt is recomputed and not counted.
 
         Raises:
             SnapshotMismatchError: the engine differs from the snapshot's.
+            EngineError: the engine refused the snapshot (the message says why).
+        """
+        adapter = adapter_for(engine)
+        handle = self.for_engine(adapter)
+        run = adapter.run_prefix(list(handle.token_ids), handle.kv_transfer_params())
+        _raise_refusal(run.report, handle.id)
+        return run.num_cached_tokens
+
+    def for_engine(self, engine: Any) -> ForkHandle:
+        """This snapshot checked against ``engine`` and present in the engine's store.
+
+        Raises:
+            SnapshotMismatchError: the engine differs from the snapshot's (field named).
         """
         adapter = adapter_for(engine)
         spec = adapter.kv_spec()
-        for path in self.paths:
-            read_kv_manifest(path, expect_spec=spec, check_keys=False)
-        return adapter.run_prefix(list(self.token_ids), self.kv_transfer_params())
+        for manifest in self.manifests:
+            check_compatible(manifest.spec, spec, path=manifest.path)
+        store = adapter.store()
+        if all(Path(path).parent == store for path in self.paths):
+            return self
+        paths = [import_snapshot(manifest, store) for manifest in self.manifests]
+        manifests = [
+            read_in_store(path, m.snapshot_id) for path, m in zip(paths, self.manifests, strict=True)
+        ]
+        return _handle_from_chain(paths, manifests)
 
     def fork(self, engine: Any, extension: Prefix) -> ForkHandle:
         """A child snapshot at a later point: this prefix plus ``extension`` (token ids or text)."""
@@ -155,31 +189,38 @@ class ForkHandle:
 
     @classmethod
     def load(cls, uri: str | os.PathLike[str], *, verify: bool = True) -> ForkHandle:
-        """Open a saved snapshot (and its ancestors), validating every header and checksum.
+        """Open a saved snapshot (and its ancestors), validating every header and checksum,
+        and bring it into the local store (``THAW_AGENTS_STORE``) under its id.
 
-        Local paths are used in place; other URIs are copied into the local store.
+        Local files are hard-linked into the store where that is safe (same file system,
+        owner-only), else copied and verified again; other URIs are downloaded.
 
         Raises:
             SnapshotNotFoundError, SnapshotFormatError, SnapshotVersionError,
-            SnapshotTruncatedError, SnapshotChecksumError
+            SnapshotTruncatedError, SnapshotChecksumError, SnapshotReadError
         """
         uri = os.fspath(uri)
-        paths: list[Path] = []
+        store = store_dir()
         manifests: list[KVManifest] = []
         current = uri
         while True:
-            path = _materialise(current)
-            manifest = read_kv_manifest(path)
-            if verify:
-                verify_regions(manifest.container)
-            paths.append(path)
-            manifests.append(manifest)
+            if len(manifests) >= 4096:
+                raise SnapshotNotFoundError("the snapshot chain is too long (a loop?)", path=uri)
+            path, downloaded = _materialise(current, store)
+            try:
+                manifest = read_kv_manifest(path)
+                if verify or downloaded:
+                    verify_regions(manifest.container)
+                manifests.append(read_in_store(import_snapshot(manifest, store), manifest.snapshot_id))
+            finally:
+                if downloaded:
+                    path.unlink(missing_ok=True)
             if manifest.parent is None:
                 break
-            current = _find_parent(uri, manifest.parent.snapshot_id)
-        paths.reverse()
+            current = _find_parent(uri, manifest.parent.snapshot_id, store)
         manifests.reverse()
-        return _handle_from_chain(paths, manifests)
+        check_links(manifests)
+        return _handle_from_chain([Path(m.path) for m in manifests], manifests)
 
     @classmethod
     def from_id(cls, snapshot_id: str, *, verify: bool = False) -> ForkHandle:
@@ -187,14 +228,24 @@ class ForkHandle:
 
         Raises:
             SnapshotNotFoundError: no such snapshot in the store (it was deleted, or this
-                is another machine): fall back to prefill.
+                is another machine), or ``snapshot_id`` is not an id: fall back to prefill.
+            SnapshotFormatError: the file under that name is not that snapshot.
         """
-        if not _ID_RE.match(snapshot_id):
-            raise SnapshotNotFoundError(f"{snapshot_id!r} is not a snapshot id")
-        path = store_dir() / (snapshot_id + SUFFIX)
-        if not path.exists():
-            raise SnapshotNotFoundError(f"snapshot {snapshot_id} is not in the local store", path=str(path))
-        return cls.load(path, verify=verify)
+        if not is_snapshot_id(snapshot_id):
+            raise SnapshotNotFoundError(
+                f"{str(snapshot_id)[:80]!r} is not a snapshot id ('thaw-' and 32 hex digits)"
+            )
+        store = store_dir()
+        if not snapshot_path(store, snapshot_id).exists():
+            raise SnapshotNotFoundError(
+                f"snapshot {snapshot_id} is not in the local store",
+                path=str(snapshot_path(store, snapshot_id)),
+            )
+        manifests = resolve_chain(store, snapshot_id)
+        if verify:
+            for manifest in manifests:
+                verify_regions(manifest.container)
+        return _handle_from_chain([Path(m.path) for m in manifests], manifests)
 
     def delete(self) -> None:
         """Remove this snapshot's own file (ancestors are shared and stay)."""
@@ -213,21 +264,22 @@ def _is_token_list(value: Any) -> bool:
     )
 
 
-def _materialise(uri: str) -> Path:
+def _materialise(uri: str, store: Path) -> tuple[Path, bool]:
+    """A local path for ``uri``; remote files are downloaded into the store (True: remove it
+    once imported)."""
     if is_local_uri(uri):
         path = local_path(uri)
-        if not path.exists():
+        if not os.path.lexists(path):
             raise SnapshotNotFoundError("no snapshot file here", path=str(path))
-        return path
-    name = uri.rstrip("/").rsplit("/", 1)[-1] or "snapshot.thaw"
-    # A stable name per URI: loading it again (in any process) refreshes one copy, not another.
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    dest = store_dir() / f".remote-{digest}-{name}"
+        return path, False
+    dest = store / f"{partial_prefix()}{os.urandom(8).hex()}.partial"
     copy_from_uri(uri, dest)
-    return dest
+    return dest, True
 
 
-def _find_parent(uri: str, parent_id: str) -> str:
+def _find_parent(uri: str, parent_id: str, store: Path) -> str:
+    if not is_snapshot_id(parent_id):  # the reader checks this too; a file name must never escape
+        raise SnapshotNotFoundError(f"{parent_id[:80]!r} is not a snapshot id", path=uri)
     beside = sibling_uri(uri, parent_id + SUFFIX)
     if is_local_uri(beside):
         if local_path(beside).exists():
@@ -241,7 +293,7 @@ def _find_parent(uri: str, parent_id: str) -> str:
                 return beside
         except Exception:
             pass
-    in_store = store_dir() / (parent_id + SUFFIX)
+    in_store = snapshot_path(store, parent_id)
     if in_store.exists():
         return str(in_store)
     raise SnapshotNotFoundError(
@@ -252,12 +304,9 @@ def _find_parent(uri: str, parent_id: str) -> str:
 
 
 def _handle_from_chain(paths: list[Path], manifests: list[KVManifest]) -> ForkHandle:
+    check_links(manifests)
     tokens: list[int] = []
-    for index, manifest in enumerate(manifests):
-        if index and manifests[index - 1].snapshot_id != (
-            manifest.parent.snapshot_id if manifest.parent else None
-        ):
-            raise SnapshotNotFoundError(f"{manifest.path} does not extend {manifests[index - 1].snapshot_id}")
+    for manifest in manifests:
         tokens.extend(manifest.token_ids)
     tokens.extend(manifests[-1].tail_token_ids)
     return ForkHandle(
@@ -287,80 +336,72 @@ def fork(engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None) -> Fo
     """
     adapter = adapter_for(engine)
     spec = adapter.kv_spec()
+    store = adapter.store()
     tokens = adapter.prefix_token_ids(prefix)
     if not tokens:
         raise ConfigError("the prefix is empty")
     bs = spec.block_size
     start_key: bytes | None = None
-    parent_ref = None
-    parent_paths: tuple[Path, ...] = ()
-    parent_manifests: tuple[KVManifest, ...] = ()
+    parent_handle: ForkHandle | None = None
     if parent is not None:
         differences = parent.spec.differences(spec)
         if differences:
             field_name = differences[0][0]
             raise ConfigError(f"the parent snapshot was taken on a different engine ({field_name} differs)")
-        covered = parent.num_snapshot_tokens
         if tuple(tokens[: parent.num_tokens]) != parent.token_ids:
             raise ConfigError("the prefix does not start with the parent's tokens")
-        if parent.num_blocks:
-            start_key = (
-                bytes.fromhex(parent.manifests[-1].keys[-1])
-                if parent.manifests[-1].keys
-                else bytes.fromhex(parent.manifests[-1].parent.last_key)
-            )  # type: ignore[union-attr]
-        parent_ref = {
-            "snapshot_id": parent.id,
-            "num_blocks": parent.num_blocks,
-            "last_key": start_key.hex() if start_key else "",
-        }
-        if start_key is None:
-            parent_ref = None  # a parent without a single full block adds nothing to refer to
-        else:
-            parent_paths, parent_manifests = parent.paths, parent.manifests
-        own = tokens[covered:]
-    else:
-        covered, own = 0, tokens
+        if parent.num_blocks:  # a parent without a single full block adds nothing to refer to
+            parent_handle = parent.for_engine(adapter)
+            leaf = parent_handle.manifests[-1]
+            start_key = bytes.fromhex(leaf.keys[-1] if leaf.keys else leaf.parent.last_key)  # type: ignore[union-attr]
+    covered = parent_handle.num_snapshot_tokens if parent_handle else 0
+    own = tokens[covered:]
     keys = chain_keys(spec, own[: len(own) // bs * bs], start_key=start_key)
     last_key = keys[-1] if keys else (start_key or b"")
     full = covered + len(keys) * bs
     sid = snapshot_id(spec, last_key, tokens[full:])
-    dest = store_dir() / (sid + SUFFIX)
-    error_file = Path(str(dest) + ".error")
-    error_file.unlink(missing_ok=True)
-    adapter.run_prefix(tokens, save_params(str(dest), len(tokens), parent_ref))
-    if error_file.exists():
-        try:
-            message = json.loads(error_file.read_text()).get("error", "unknown error")
-        finally:
-            error_file.unlink(missing_ok=True)
+    dest = snapshot_path(store, sid)
+    take_save_error(store, sid)  # a stale record of an earlier attempt
+    run = adapter.run_prefix(
+        tokens, save_params(sid, len(tokens), parent_handle.id if parent_handle else None)
+    )
+    message = take_save_error(store, sid)
+    if message is None and run.report and run.report.get("error"):
+        message = str(run.report["error"])
+    if message is not None:
         kind, _, detail = message.partition(": ")
         if kind == "SnapshotWriteError":  # a full disk in the engine: the same typed error
             raise SnapshotWriteError(detail.removeprefix(f"{dest}: "), path=str(dest))
-        raise EngineError(f"the engine could not write the snapshot {dest}: {message}")
+        raise EngineError(f"the engine could not write the snapshot {sid}: {message}")
     if not dest.exists():
         raise EngineError(
             f"the engine did not write the snapshot {dest}. Is the thaw connector configured? "
             "Build the engine with thaw_agents.engine_kwargs()."
         )
-    manifest = read_kv_manifest(dest, expect_spec=spec)
-    if manifest.snapshot_id != sid:
-        raise EngineError(f"the engine wrote snapshot {manifest.snapshot_id}, expected {sid}")
+    manifest = read_in_store(dest, sid)
+    check_compatible(manifest.spec, spec, path=str(dest))
     logger.debug(
-        "fork: %s holds %d blocks (%d tokens of %d) at %s",
-        sid,
-        manifest.num_blocks,
-        full,
-        len(tokens),
-        dest,
+        "fork: %s holds %d blocks (%d tokens of %d) at %s", sid, manifest.num_blocks, full, len(tokens), dest
     )
-    if parent_ref is None:
+    if parent_handle is None:
         return _handle_from_chain([dest], [manifest])
-    return _handle_from_chain([*parent_paths, dest], [*parent_manifests, manifest])
+    return _handle_from_chain([*parent_handle.paths, dest], [*parent_handle.manifests, manifest])
 
 
-def with_fork(sampling_params: Any, handle: ForkHandle) -> Any:
+def _raise_refusal(report: dict[str, Any] | None, snapshot: str) -> None:
+    """Raise the engine's reason for not using ``snapshot``, if it gave one."""
+    if report and report.get("error"):
+        raise EngineError(f"the engine did not use snapshot {snapshot}: {report['error']}")
+
+
+def with_fork(sampling_params: Any, handle: ForkHandle, engine: Any | None = None) -> Any:
     """A copy of ``sampling_params`` whose request loads ``handle``'s prefix from the snapshot.
+
+    The request names the snapshot by id; the engine's connector finds it in its store. Pass
+    ``engine`` to check the snapshot against it first and bring the files into its store
+    (needed when the engine's store is not this process's ``THAW_AGENTS_STORE``). An engine
+    whose connector refuses the snapshot prefills instead and says why in the output's
+    ``kv_transfer_params["thaw"]["error"]``.
 
     Example:
         >>> sp = with_fork(SamplingParams(max_tokens=64), handle)        # doctest: +SKIP
@@ -368,6 +409,8 @@ def with_fork(sampling_params: Any, handle: ForkHandle) -> Any:
     """
     import copy
 
+    if engine is not None:
+        handle = handle.for_engine(engine)
     params = copy.deepcopy(sampling_params)
     extra = dict(params.extra_args or {})
     extra["kv_transfer_params"] = handle.kv_transfer_params()

@@ -1,36 +1,342 @@
-"""Where snapshots live: the local store, shared memory, and fsspec URIs.
+"""The snapshot store: the one folder an engine reads and writes snapshots in, by id.
 
-The engine reads and writes local files only (it may run in another process), so every
-snapshot an engine touches is a file in the local store or a local path. Other URIs
-(``s3://``, ``memory://``, ...) are copied to and from the store through fsspec.
+Layout: ``<store>/<snapshot id>.thaw``, owner-only (folder 0700, files 0600). Requests that
+reach an engine name snapshots by id; the connector opens ``<store>/<id>.thaw`` and nothing
+else, refuses symbolic links, and checks that the file holds exactly that snapshot. Python
+callers may use any path or fsspec URI (``s3://``, ``memory://``): :func:`import_snapshot`
+brings a checked file into the store (a hard link where that is safe, else a verified copy)
+and the engine only ever sees its id.
+
+Writers (the engine's saves, imports, downloads) write ``.thaw-<pid>-<random>.partial`` and
+rename it into place; a killed writer's leftovers are removed by :func:`clean_stale`, which
+every :func:`open_store` runs (at most once a minute per folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import os
+import re
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ._errors import DependencyError, SnapshotNotFoundError, write_failed
+from ._errors import (
+    ConfigError,
+    DependencyError,
+    SnapshotFormatError,
+    SnapshotNotFoundError,
+    write_failed,
+)
 
-__all__ = ["copy_from_uri", "copy_to_uri", "is_local_uri", "local_path", "store_dir"]
+if TYPE_CHECKING:
+    from ._manifest import KVManifest
+
+__all__ = [
+    "SUFFIX",
+    "clean_stale",
+    "copy_from_uri",
+    "copy_to_uri",
+    "import_snapshot",
+    "is_local_uri",
+    "local_path",
+    "make_private_dirs",
+    "open_store",
+    "partial_prefix",
+    "read_in_store",
+    "record_save_error",
+    "resolve_chain",
+    "save_error_path",
+    "snapshot_path",
+    "store_dir",
+    "take_save_error",
+]
 
 SUFFIX = ".thaw"
+_ID = re.compile(r"thaw-[0-9a-f]{32}")
+_PARTIAL = re.compile(r"\.thaw-(\d+)-.*\.partial")
+# A chain deeper than this is not a conversation, it is a loop or an attack.
+MAX_CHAIN_FILES = 4096
+# Leftovers of a writer whose pid we cannot check (another host on a shared folder, or a
+# recycled pid) are removed once they are this old.
+_STALE_AGE_S = 3600.0
+_CLEANED: dict[str, float] = {}
+_CLEAN_EVERY_S = 60.0
+
+
+def partial_prefix() -> str:
+    """The prefix of this process's temporary files (the store tells dead writers by the pid)."""
+    return f".thaw-{os.getpid()}-"
+
+
+def make_private_dirs(path: Path) -> None:
+    """``mkdir -p`` where every folder created is owner-only (``Path.mkdir`` applies ``mode``
+    to the last one only)."""
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+
+
+def open_store(path: str | os.PathLike[str] | None = None) -> Path:
+    """The store folder (``path``, else ``THAW_AGENTS_STORE``, else ``<cache>/snapshots``),
+    created owner-only if missing, with stale temporary files removed.
+
+    Raises:
+        ConfigError: the path exists and is not a folder.
+        SnapshotWriteError: the folder cannot be created (read-only file system, permissions).
+    """
+    if path is None:
+        env = os.environ.get("THAW_AGENTS_STORE")
+        if env:
+            path = env
+        else:
+            from .models import cache_dir
+
+            path = cache_dir() / "snapshots"
+    folder = Path(path).expanduser().absolute()
+    try:
+        make_private_dirs(folder)
+    except (NotADirectoryError, FileExistsError) as exc:
+        raise ConfigError(
+            f"the snapshot store {folder} is not a folder (something else has that name); "
+            "point THAW_AGENTS_STORE at a folder"
+        ) from exc
+    except OSError as exc:
+        raise write_failed(folder, exc) from exc
+    if not folder.is_dir():
+        raise ConfigError(f"the snapshot store {folder} is not a folder; point THAW_AGENTS_STORE at a folder")
+    clean_stale(folder)
+    return folder
 
 
 def store_dir() -> Path:
-    """The local snapshot store: ``THAW_AGENTS_STORE``, else ``<cache dir>/snapshots``; owner-only."""
-    env = os.environ.get("THAW_AGENTS_STORE")
-    if env:
-        path = Path(env).expanduser()
-    else:
-        from .models import cache_dir
+    """The user's store: ``THAW_AGENTS_STORE``, else ``<cache dir>/snapshots``; owner-only."""
+    return open_store(None)
 
-        path = cache_dir() / "snapshots"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+
+def snapshot_path(store: Path, snapshot_id: str) -> Path:
+    """``<store>/<id>.thaw``; the id is checked first, so it can never name another folder."""
+    if not isinstance(snapshot_id, str) or _ID.fullmatch(snapshot_id) is None:
+        raise SnapshotNotFoundError(
+            f"{str(snapshot_id)[:80]!r} is not a snapshot id ('thaw-' and 32 hex digits)"
+        )
+    return store / (snapshot_id + SUFFIX)
+
+
+def save_error_path(store: Path, snapshot_id: str) -> Path:
+    """Where the engine leaves the reason a save of ``snapshot_id`` failed."""
+    return snapshot_path(store, snapshot_id).with_name(snapshot_id + ".error")
+
+
+def record_save_error(store: Path, snapshot_id: str, message: str) -> None:
+    """Leave ``message`` for the front that asked for ``snapshot_id`` (engine side; never raises)."""
+    import json
+    import logging
+
+    try:
+        dest = save_error_path(store, snapshot_id)
+        tmp = store / f"{partial_prefix()}{os.urandom(8).hex()}.partial"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"error": message[:4000]}, handle)
+        os.replace(tmp, dest)
+    except Exception:
+        logging.getLogger(__name__).exception("thaw: could not record why saving %s failed", snapshot_id)
+
+
+def take_save_error(store: Path, snapshot_id: str) -> str | None:
+    """The reason the engine could not save ``snapshot_id``, if it left one (removed once read)."""
+    import json
+
+    path = save_error_path(store, snapshot_id)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"unreadable error record: {exc.strerror}"
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            raw = handle.read(16384)
+        data = json.loads(raw.decode("utf-8", "replace"))
+        message = data.get("error") if isinstance(data, dict) else None
+        return str(message) if message else "unknown error"
+    except ValueError:
+        return "unknown error"
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def clean_stale(store: Path, *, force: bool = False) -> int:
+    """Remove temporary files of writers that died (SIGKILL, power loss); return how many.
+
+    A ``.thaw-<pid>-*.partial`` file is stale when that process no longer exists, or when it
+    is older than an hour (the pid may be another host's, or recycled).
+    """
+    key = str(store)
+    now = time.monotonic()
+    if not force and now - _CLEANED.get(key, -_CLEAN_EVERY_S) < _CLEAN_EVERY_S:
+        return 0
+    _CLEANED[key] = now
+    removed = 0
+    try:
+        entries = list(os.scandir(store))
+    except OSError:
+        return 0
+    wall = time.time()
+    for entry in entries:
+        if entry.name.endswith(".error"):  # a save error nobody came back for
+            with contextlib.suppress(OSError):
+                if wall - entry.stat(follow_symlinks=False).st_mtime > _STALE_AGE_S:
+                    os.unlink(entry.path)
+                    removed += 1
+            continue
+        if not entry.name.startswith(".thaw-") or not entry.name.endswith(".partial"):
+            continue
+        match = _PARTIAL.fullmatch(entry.name)
+        try:
+            old = wall - entry.stat(follow_symlinks=False).st_mtime > _STALE_AGE_S
+        except OSError:
+            continue
+        if old or (match and not _alive(int(match.group(1)))):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process: not ours to judge
+    return True
+
+
+def read_in_store(path: Path, snapshot_id: str) -> KVManifest:
+    """The validated manifest of ``<store>/<id>.thaw``: a regular file, no symbolic link,
+    holding exactly ``snapshot_id``."""
+    from ._manifest import read_kv_manifest
+
+    return read_kv_manifest(path, expect_id=snapshot_id, follow_symlinks=False)
+
+
+def resolve_chain(
+    store: Path, snapshot_id: str, *, read: Callable[[Path, str], KVManifest] = read_in_store
+) -> list[KVManifest]:
+    """The validated manifests of ``snapshot_id`` and its ancestors in ``store``, root first.
+
+    Every file must be a regular file (no symbolic links) holding exactly the snapshot its
+    name says, and each must extend the one before it (block counts and chain keys).
+
+    Args:
+        read: reads one file of the chain (the connector passes a cached reader).
+
+    Raises:
+        SnapshotNotFoundError: the snapshot or an ancestor is not in the store.
+        SnapshotFormatError: a file is not what its name says, or the chain is broken.
+    """
+    chain: list[KVManifest] = []
+    wanted: str | None = snapshot_id
+    while wanted is not None:
+        if len(chain) >= MAX_CHAIN_FILES:
+            raise SnapshotFormatError(f"the chain of {snapshot_id} is longer than {MAX_CHAIN_FILES} files")
+        manifest = read(snapshot_path(store, wanted), wanted)
+        chain.append(manifest)
+        wanted = manifest.parent.snapshot_id if manifest.parent else None
+    chain.reverse()
+    check_links(chain)
+    return chain
+
+
+def check_links(chain: list[KVManifest]) -> None:
+    """Each file of ``chain`` (root first) extends the one before it."""
+    for previous, manifest in itertools.pairwise(chain):
+        parent = manifest.parent
+        last_key = (
+            previous.keys[-1] if previous.keys else (previous.parent.last_key if previous.parent else "")
+        )
+        if (
+            parent is None
+            or parent.snapshot_id != previous.snapshot_id
+            or parent.num_blocks != previous.end_block
+            or parent.last_key != last_key
+            or manifest.spec.differences(previous.spec)
+        ):
+            raise SnapshotFormatError(
+                f"{manifest.snapshot_id} does not extend {previous.snapshot_id}: the chain is broken; "
+                "fork again from the trunk",
+                path=manifest.path,
+            )
+    if chain and chain[0].parent is not None:
+        raise SnapshotFormatError("the chain does not start at a root snapshot", path=chain[0].path)
+
+
+def import_snapshot(manifest: KVManifest, store: Path) -> Path:
+    """Bring a validated, checksum-verified snapshot file into ``store`` under its id.
+
+    A hard link when the file is already private to this user on the same file system (no
+    copy, and nobody else can change it), else a copy whose checksums are verified again in
+    the store (the source may change while we copy). Returns the path in the store.
+    """
+    from ._container import verify_regions
+    from ._manifest import read_kv_manifest
+
+    dest = snapshot_path(store, manifest.snapshot_id)
+    src = Path(manifest.path)
+    try:
+        if src.resolve() == dest.resolve():
+            return dest
+        st = src.stat()
+    except OSError as exc:
+        raise SnapshotNotFoundError(f"cannot reach the snapshot file: {exc.strerror}", path=str(src)) from exc
+    tmp = store / f"{partial_prefix()}{os.urandom(8).hex()}.partial"
+    try:
+        linked = False
+        if st.st_uid == os.getuid() and not st.st_mode & 0o077:
+            try:
+                os.link(src, tmp)
+                linked = True
+            except OSError:
+                pass  # another file system, or links not allowed: copy
+        if not linked:
+            _copy_file(src, tmp)
+            copied = read_kv_manifest(tmp, expect_id=manifest.snapshot_id, follow_symlinks=False)
+            verify_regions(copied.container)
+        os.replace(tmp, dest)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise write_failed(
+                dest, exc, manifest.container.payload_offset + manifest.container.payload_nbytes
+            ) from exc
+        raise
+    return dest
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out, 16 << 20)
+        out.flush()
+        if not str(dest).startswith("/dev/shm/"):
+            os.fsync(out.fileno())
 
 
 def is_local_uri(uri: str | os.PathLike[str]) -> bool:
@@ -59,11 +365,11 @@ def copy_to_uri(src: Path, uri: str) -> None:
     """Copy a local snapshot file to ``uri`` (local paths: atomic and owner-only)."""
     if is_local_uri(uri):
         dest = local_path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         if dest == src.resolve():
             return
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".thaw-", suffix=".partial", dir=dest.parent)
+            make_private_dirs(dest.parent)
+            fd, tmp = tempfile.mkstemp(prefix=partial_prefix(), suffix=".partial", dir=dest.parent)
         except OSError as exc:
             raise write_failed(dest, exc) from exc
         try:
@@ -93,7 +399,7 @@ def copy_from_uri(uri: str, dest: Path) -> None:
     if not fs.exists(path):
         raise SnapshotNotFoundError("no snapshot at this URI", path=uri)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".thaw-", suffix=".partial", dir=dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=partial_prefix(), suffix=".partial", dir=dest.parent)
     except OSError as exc:
         raise write_failed(dest, exc) from exc
     try:

@@ -24,6 +24,7 @@ from thaw_agents import (
     SnapshotWriteError,
 )
 from thaw_agents._container import read_container
+from thaw_agents._kvspec import KVSpec, snapshot_id
 from thaw_agents._engine import cpu_dtype, is_cpu_platform
 
 pytestmark = pytest.mark.e2e
@@ -271,9 +272,18 @@ def test_truncated_file(llm, trunk: dict, tmp_path: Path) -> None:
         ForkHandle.load(bad)
 
 
+def _reidentify(header: dict) -> None:
+    """Give an edited header the id of its new content: a consistent file of another engine."""
+    snap = header["snapshot"]
+    spec = KVSpec.from_json(header["kv_spec"])
+    last_key = bytes.fromhex(snap["keys"][-1])
+    snap["id"] = snapshot_id(spec, last_key, snap["tail_token_ids"])
+
+
 def test_edited_dtype_is_refused_by_the_engine(llm, trunk: dict, tmp_path: Path) -> None:
     def to_fp16(header: dict) -> None:
         header["kv_spec"]["dtype"] = "float16"
+        _reidentify(header)
 
     bad = snapfiles.rewrite_header(trunk["handle"].path, tmp_path / "fp16.thaw", to_fp16)
     handle = ForkHandle.load(bad)  # the file itself is consistent
@@ -328,11 +338,18 @@ def test_corruption_after_validation_is_recomputed_not_served(
     path = tmp_path / "late.thaw"
     shutil.copyfile(trunk["handle"].path, path)
     handle = ForkHandle.load(path)
-    snapfiles.flip_byte(path, path, payload_index=5)
-    llm.reset_prefix_cache()
-    with caplog.at_level(logging.ERROR, logger="thaw_agents.connector.worker"):
-        handle.hydrate(llm)
+    copy = handle.path.with_name("late-copy.thaw")  # keep the session's own snapshot intact
+    shutil.copyfile(handle.path, copy)
+    try:
+        snapfiles.flip_byte(handle.path, handle.path, payload_index=5)  # the store's file, block 0
+        llm.reset_prefix_cache()
+        with caplog.at_level(logging.ERROR, logger="thaw_agents.connector.worker"):
+            served = handle.hydrate(llm)
+    finally:
+        os.replace(copy, handle.path)
     assert "failed their checksum" in caplog.text
+    # The count is honest: vLLM recomputed from the bad block on, and nothing is reported served.
+    assert served == 0
     # vLLM recomputed from the bad block on: the output is the parent's, not garbage.
     _still_serves(llm, trunk)
 

@@ -6,10 +6,15 @@ Enabled by :func:`thaw_agents.engine_kwargs`, or by hand::
                         "kv_connector_module_path": "thaw_agents.connector.facade",
                         "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
 
+Requests name snapshots by id (``kv_transfer_params={"thaw": {"op": "load", "snapshot_id":
+...}}``, see :mod:`.params`); the connector touches files only inside its store
+(``kv_connector_extra_config={"store": FOLDER}``, default the user's store).
+
 Scheduler side: ``get_num_new_matched_tokens`` (how many prompt tokens a snapshot chain
 supplies), ``update_state_after_alloc`` (which engine blocks to fill), ``on_new_request``
-(remember a save request), ``build_connector_meta`` (this step's jobs),
-``request_finished`` (forget the request). Worker side: ``register_kv_caches``,
+(check and remember a save request), ``build_connector_meta`` (this step's jobs),
+``update_connector_output`` (uncount blocks that failed to load), ``request_finished``
+(forget the request, report what happened). Worker side: ``register_kv_caches``,
 ``start_load_kv`` (synchronous load before the forward), ``wait_for_save`` (write
 snapshots after it), ``get_block_ids_with_load_errors``.
 """
@@ -24,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from .config import ThawConnectorConfig
 from .metadata import ThawConnectorMetadata
 from .scheduler import ThawScheduler
 from .worker import ThawWorker
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 __all__ = ["ThawConnector"]
@@ -53,10 +60,11 @@ class ThawConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._scheduler: ThawScheduler | None = None
         self._worker: ThawWorker | None = None
+        config = ThawConnectorConfig.from_vllm_config(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = ThawScheduler(vllm_config)
+            self._scheduler = ThawScheduler(vllm_config, config)
         else:
-            self._worker = ThawWorker(vllm_config)
+            self._worker = ThawWorker(vllm_config, config)
 
     @property
     def worker(self) -> ThawWorker:
@@ -115,6 +123,9 @@ class ThawConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self.scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self.scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)

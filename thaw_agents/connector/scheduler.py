@@ -1,26 +1,38 @@
 """The scheduler half of the thaw connector.
 
-Runs in vLLM's scheduler (the engine-core process). It decides, per request, how many
-prompt tokens a snapshot chain can supply, records which engine blocks to fill or to save,
-and hands the worker half plain jobs each step. It never raises into the scheduler: a
-snapshot it cannot use is logged and the request falls back to prefill.
+Runs in vLLM's scheduler (the engine-core process). Per request it resolves the snapshot id
+the request names in its own store (never a path), checks the chain against this engine
+(model fingerprint, block size, platform; the worker half checks the full spec again before
+reading a byte), decides how many prompt tokens the chain supplies, and hands the worker half
+plain jobs each step. It never raises into the scheduler: a request whose snapshot cannot be
+used prefills instead, with a warning, and says why in its output's ``kv_transfer_params``.
+
+Served-token accounting is honest: when the worker reports blocks that failed (checksum,
+spec, I/O), vLLM recomputes them and this half lowers the request's cached-token count by
+the tokens recomputed, so ``num_cached_tokens`` only counts tokens actually loaded.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .._manifest import KVManifest, read_kv_manifest
+from .._errors import SnapshotMismatchError, ThawError
+from .._kvspec import KVSpec
+from .._manifest import KVManifest
+from .._store import record_save_error
+from .config import ThawConnectorConfig
+from .engine_spec import engine_fingerprint, platform_name
+from .manifests import ManifestCache
 from .metadata import BlockSource, LoadJob, SaveJob, ThawConnectorMetadata
-from .params import thaw_params
+from .params import PARAMS_KEY, LoadParams, ParamsError, SaveParams, parse_params
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 __all__ = ["ThawScheduler"]
@@ -29,23 +41,27 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _LoadPlan:
-    sources: list[BlockSource]  # one per snapshot block, chain order
-    matched_blocks: int
-
-
-@dataclass
-class _PendingLoad:
-    start_block: int
-    num_blocks: int
-    sources: list[BlockSource]
+class _Load:
+    request: Request
+    snapshot_id: str
+    sources: list[BlockSource] = field(default_factory=list)  # one per snapshot block, chain order
+    matched_blocks: int = 0
+    local_tokens: int = 0
+    start_block: int = 0
+    num_blocks: int = 0
+    job_block_ids: tuple[int, ...] = ()
+    recomputed_tokens: int = 0
+    error: str | None = None
 
 
 @dataclass
 class _PendingSave:
-    meta: dict[str, Any]
+    snapshot_id: str
     token_ids: tuple[int, ...]
     num_prompt_tokens: int
+    first_block: int
+    parent_id: str | None
+    parent_last_key: str
     block_ids: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -53,115 +69,160 @@ class _PendingSave:
 class ThawScheduler:
     """Plans snapshot loads and saves; see the module docstring."""
 
-    def __init__(self, vllm_config: VllmConfig) -> None:
+    def __init__(self, vllm_config: VllmConfig, config: ThawConnectorConfig) -> None:
+        self._vllm_config = vllm_config
         self.block_size = vllm_config.cache_config.block_size
-        self._plans: dict[str, _LoadPlan | None] = {}
-        self._pending_loads: dict[str, _PendingLoad] = {}
-        self._local_tokens: dict[str, int] = {}
+        self.store = config.store
+        self._manifests = ManifestCache(self.store)
+        self._fingerprint: str | None = None
+        self._loads: dict[str, _Load] = {}
         self._saves: dict[str, _PendingSave] = {}
-        self._manifest_cache: dict[tuple[str, int, int], KVManifest] = {}
+        self._refused: dict[str, tuple[str, str | None, str]] = {}  # req -> (op, id, why)
+
+    # -- checks ------------------------------------------------------------------------
+    def _check_engine(self, spec: KVSpec, path: str) -> None:
+        """What the scheduler can check itself; the worker checks the whole spec again."""
+        if self._fingerprint is None:
+            self._fingerprint = engine_fingerprint(self._vllm_config)
+        for name, engine_value, snapshot_value in (
+            ("model_fingerprint", self._fingerprint, spec.model_fingerprint),
+            ("block_size", self.block_size, spec.block_size),
+            ("platform", platform_name(), spec.platform),
+        ):
+            if engine_value != snapshot_value:
+                raise SnapshotMismatchError(name, engine_value, snapshot_value, path=path)
+
+    def _refuse(self, request: Request, op: str, snapshot_id: str | None, exc: Exception) -> None:
+        why = str(exc) if isinstance(exc, (ThawError, ParamsError)) else f"{type(exc).__name__}: {exc}"
+        self._refused[request.request_id] = (op, snapshot_id, why)
+        logger.warning(
+            "thaw: request %s: %s %s refused, prefilling instead: %s",
+            request.request_id,
+            op,
+            snapshot_id or "",
+            why,
+        )
 
     # -- loads -------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        params = thaw_params(request.kv_transfer_params)
-        if params is None or params.get("op") != "load":
-            return 0, False
-        plan = self._plan(request, params)
-        if plan is None:
-            return 0, False
+        state = self._loads.get(request.request_id)
+        if state is None:
+            if request.request_id in self._refused:
+                return 0, False
+            try:
+                params = parse_params(request.kv_transfer_params)
+            except ParamsError as exc:
+                self._refuse(request, "load", None, exc)
+                return 0, False
+            if not isinstance(params, LoadParams):
+                return 0, False
+            try:
+                state = self._plan(request, params)
+            except Exception as exc:  # never let a bad file take the scheduler down
+                self._refuse(request, "load", params.snapshot_id, exc)
+                return 0, False
+            self._loads[request.request_id] = state
         # vLLM must compute at least the last prompt token itself.
         limit_blocks = (request.num_prompt_tokens - 1) // self.block_size
-        matched_tokens = min(plan.matched_blocks, limit_blocks) * self.block_size
+        matched_tokens = min(state.matched_blocks, limit_blocks) * self.block_size
         # The scheduler presents a block-aligned local hit; the load starts right after it.
-        self._local_tokens[request.request_id] = num_computed_tokens
+        state.local_tokens = num_computed_tokens
         return max(0, matched_tokens - num_computed_tokens), False
 
-    def _plan(self, request: Request, params: dict[str, Any]) -> _LoadPlan | None:
-        if request.request_id in self._plans:
-            return self._plans[request.request_id]
-        plan: _LoadPlan | None = None
-        try:
-            plan = self._build_plan(list(request.prompt_token_ids or ()), params.get("files"))
-        except Exception as exc:  # never let a bad file take the scheduler down
-            logger.warning(
-                "thaw: request %s: snapshot not used, prefilling instead: %s",
-                request.request_id,
-                exc,
-            )
-        self._plans[request.request_id] = plan
-        return plan
-
-    def _build_plan(self, prompt: list[int], files: Any) -> _LoadPlan | None:
-        if not isinstance(files, list) or not files:
-            raise ValueError("load parameters carry no files")
-        sources: list[BlockSource] = []
-        matched = 0
+    def _plan(self, request: Request, params: LoadParams) -> _Load:
+        chain = self._manifests.chain(params.snapshot_id)
+        self._check_engine(chain[-1].spec, chain[-1].path)
+        prompt = list(request.prompt_token_ids or ())
+        state = _Load(request=request, snapshot_id=params.snapshot_id)
+        bs = self.block_size
         still_matching = True
-        previous: KVManifest | None = None
-        for path in files:
-            manifest = self._manifest(str(path))
-            if manifest.spec.block_size != self.block_size:
-                raise ValueError(f"{path}: block size {manifest.spec.block_size}, engine {self.block_size}")
-            if previous is None and manifest.parent is not None:
-                raise ValueError(f"{path}: the chain must start at a root snapshot")
-            if previous is not None and (
-                manifest.parent is None or manifest.parent.snapshot_id != previous.snapshot_id
-            ):
-                raise ValueError(f"{path} does not extend {previous.snapshot_id}")
+        for manifest in chain:
             for index in range(manifest.num_blocks):
                 offset, nbytes, checksum = manifest.block_source(index)
-                sources.append(
-                    BlockSource(path=manifest.path, offset=offset, nbytes=nbytes, checksum=checksum)
+                state.sources.append(
+                    BlockSource(
+                        snapshot_id=manifest.snapshot_id, offset=offset, nbytes=nbytes, checksum=checksum
+                    )
                 )
                 if still_matching:
-                    lo = index * self.block_size
-                    block_tokens = manifest.token_ids[lo : lo + self.block_size]
-                    start = (manifest.first_block + index) * self.block_size
-                    if tuple(prompt[start : start + self.block_size]) == block_tokens:
-                        matched += 1
+                    start = (manifest.first_block + index) * bs
+                    block_tokens = manifest.token_ids[index * bs : (index + 1) * bs]
+                    if tuple(prompt[start : start + bs]) == block_tokens:
+                        state.matched_blocks += 1
                     else:
                         still_matching = False
-            previous = manifest
-        return _LoadPlan(sources=sources, matched_blocks=matched)
-
-    def _manifest(self, path: str) -> KVManifest:
-        stat = os.stat(path)
-        key = (path, stat.st_size, stat.st_mtime_ns)
-        manifest = self._manifest_cache.get(key)
-        if manifest is None:
-            # The front validated it against this engine before sending the request;
-            # re-reading the header here is cheap and protects against a swapped file.
-            manifest = read_kv_manifest(path, check_keys=False)
-            if len(self._manifest_cache) > 256:
-                self._manifest_cache.clear()
-            self._manifest_cache[key] = manifest
-        return manifest
+        return state
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        if num_external_tokens <= 0:
+        state = self._loads.get(request.request_id)
+        if state is None or num_external_tokens <= 0:
             return
-        plan = self._plans.get(request.request_id)
-        if plan is None:
+        state.start_block = state.local_tokens // self.block_size
+        state.num_blocks = num_external_tokens // self.block_size
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Blocks the worker could not load are recomputed by vLLM: stop counting them as served."""
+        invalid = connector_output.invalid_block_ids
+        if not invalid:
             return
-        start_block = self._local_tokens.get(request.request_id, 0) // self.block_size
-        num_blocks = num_external_tokens // self.block_size
-        self._pending_loads[request.request_id] = _PendingLoad(
-            start_block=start_block,
-            num_blocks=num_blocks,
-            sources=plan.sources[start_block : start_block + num_blocks],
-        )
+        for state in self._loads.values():
+            bad = [i for i, block in enumerate(state.job_block_ids) if block in invalid]
+            if not bad:
+                continue
+            # vLLM truncates the request's computed tokens at its first failed block.
+            recomputed = (len(state.job_block_ids) - bad[0]) * self.block_size
+            state.recomputed_tokens += recomputed
+            state.job_block_ids = ()
+            stats = getattr(state.request, "prefill_stats", None)
+            if stats is not None:
+                recomputed = min(recomputed, stats.num_external_cached_tokens)
+                stats.num_external_cached_tokens -= recomputed
+                stats.num_cached_tokens -= recomputed
+                stats.num_computed_tokens += recomputed
+            logger.warning(
+                "thaw: request %s: %d tokens of snapshot %s failed to load and were recomputed",
+                state.request.request_id,
+                recomputed,
+                state.snapshot_id,
+            )
 
     # -- saves -------------------------------------------------------------------------
     def on_new_request(self, request: Request) -> None:
-        params = thaw_params(request.kv_transfer_params)
-        if params is None or params.get("op") != "save":
+        try:
+            params = parse_params(request.kv_transfer_params)
+        except ParamsError as exc:
+            self._refuse(request, "request", None, exc)
             return
-        self._saves[request.request_id] = _PendingSave(
-            meta=dict(params),
-            token_ids=tuple(request.prompt_token_ids or ()),
+        if not isinstance(params, SaveParams):
+            return
+        try:
+            self._saves[request.request_id] = self._plan_save(request, params)
+        except Exception as exc:
+            self._refuse(request, "save", params.snapshot_id, exc)
+            record_save_error(self.store, params.snapshot_id, f"{type(exc).__name__}: {exc}")
+
+    def _plan_save(self, request: Request, params: SaveParams) -> _PendingSave:
+        prompt = tuple(request.prompt_token_ids or ())
+        if params.num_tokens > len(prompt):
+            raise ParamsError(f"num_tokens is {params.num_tokens} but the prompt has {len(prompt)} tokens")
+        first_block, last_key = 0, ""
+        if params.parent is not None:
+            chain = self._manifests.chain(params.parent)
+            self._check_engine(chain[-1].spec, chain[-1].path)
+            parent_tokens = [t for manifest in chain for t in manifest.token_ids]
+            if tuple(parent_tokens) != prompt[: len(parent_tokens)] or params.num_tokens < len(parent_tokens):
+                raise ParamsError(f"the prompt does not start with the tokens of its parent {params.parent}")
+            first_block = chain[-1].end_block
+            last_key = _last_key(chain)
+        return _PendingSave(
+            snapshot_id=params.snapshot_id,
+            token_ids=prompt[: params.num_tokens],
             num_prompt_tokens=request.num_prompt_tokens,
+            first_block=first_block,
+            parent_id=params.parent if first_block else None,
+            parent_last_key=last_key,
         )
 
     # -- per step ----------------------------------------------------------------------
@@ -169,14 +230,16 @@ class ThawScheduler:
         meta = ThawConnectorMetadata()
         for new_req in scheduler_output.scheduled_new_reqs:
             block_ids = list(new_req.block_ids[0]) if new_req.block_ids else []
-            pending = self._pending_loads.pop(new_req.req_id, None)
-            if pending is not None and pending.num_blocks:
-                targets = block_ids[pending.start_block : pending.start_block + pending.num_blocks]
+            state = self._loads.get(new_req.req_id)
+            if state is not None and state.num_blocks and not state.job_block_ids:
+                targets = block_ids[state.start_block : state.start_block + state.num_blocks]
+                state.job_block_ids = tuple(targets)
                 meta.loads.append(
                     LoadJob(
                         req_id=new_req.req_id,
+                        snapshot_id=state.snapshot_id,
                         block_ids=tuple(targets),
-                        sources=tuple(pending.sources[: len(targets)]),
+                        sources=tuple(state.sources[state.start_block : state.start_block + len(targets)]),
                     )
                 )
             save = self._saves.get(new_req.req_id)
@@ -220,23 +283,43 @@ class ThawScheduler:
         if save.done or num_computed + num_scheduled < save.num_prompt_tokens:
             return  # the prompt is still being prefilled in chunks
         save.done = True
-        parent = save.meta.get("parent") or None
-        first_block = int(parent["num_blocks"]) if parent else 0
-        prefix_tokens = save.token_ids[: int(save.meta.get("num_tokens", len(save.token_ids)))]
-        full_blocks = len(prefix_tokens) // self.block_size
+        full_blocks = len(save.token_ids) // self.block_size
         meta.saves.append(
             SaveJob(
                 req_id=req_id,
-                block_ids=tuple(save.block_ids[first_block:full_blocks]),
-                first_block=first_block,
-                token_ids=tuple(prefix_tokens),
-                meta=save.meta,
+                snapshot_id=save.snapshot_id,
+                block_ids=tuple(save.block_ids[save.first_block : full_blocks]),
+                first_block=save.first_block,
+                token_ids=save.token_ids,
+                parent_id=save.parent_id,
+                parent_last_key=save.parent_last_key,
             )
         )
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._plans.pop(request.request_id, None)
-        self._pending_loads.pop(request.request_id, None)
-        self._local_tokens.pop(request.request_id, None)
-        self._saves.pop(request.request_id, None)
-        return False, None
+        """Forget the request; its output's ``kv_transfer_params["thaw"]`` says what happened."""
+        state = self._loads.pop(request.request_id, None)
+        save = self._saves.pop(request.request_id, None)
+        refused = self._refused.pop(request.request_id, None)
+        report: dict[str, Any] | None = None
+        if state is not None:
+            loaded = max(0, state.num_blocks * self.block_size - state.recomputed_tokens)
+            report = {
+                "op": "load",
+                "snapshot_id": state.snapshot_id,
+                "loaded_tokens": loaded,
+                "recomputed_tokens": state.recomputed_tokens,
+            }
+        elif save is not None:
+            report = {"op": "save", "snapshot_id": save.snapshot_id}
+        elif refused is not None:
+            op, snapshot_id, why = refused
+            report = {"op": op, "snapshot_id": snapshot_id, "error": why}
+        return False, ({PARAMS_KEY: report} if report else None)
+
+
+def _last_key(chain: list[KVManifest]) -> str:
+    leaf = chain[-1]
+    if leaf.keys:
+        return leaf.keys[-1]
+    return leaf.parent.last_key if leaf.parent else ""

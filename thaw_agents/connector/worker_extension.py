@@ -10,7 +10,8 @@ __all__ = ["ThawWorkerExtension"]
 
 class ThawWorkerExtension:
     def thaw_describe(self) -> dict[str, Any]:
-        """This worker's KV spec as JSON-ready data (model fingerprint, dtype, layout...)."""
+        """This worker's KV spec as JSON-ready data (model fingerprint, dtype, layout...) and
+        its snapshot store: ``{"spec": ..., "store": ...}`` or ``{"error": ...}``."""
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
         if not has_kv_transfer_group():
@@ -19,4 +20,4 @@ class ThawWorkerExtension:
         worker = getattr(connector, "worker", None)
         if worker is None:
             return {"error": f"the engine's KV connector is {type(connector).__name__}, not ThawConnector"}
-        return {"spec": worker.describe()}
+        return worker.describe()

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from .._errors import ConfigError, PoolError
 from .._kvspec import KVSpec
 from ._results import WorkerInfo
+from ._service import PRIVATE_STORE_ENV
 from ._slots import Limits, Task, WorkerSlot
 from ._transport import check_transport, clean_stale, make_run_dir, runtime_root
 from ._worker import CPUS_ENV
@@ -304,8 +305,15 @@ class ForkPool:
 
         env = dict(os.environ) if self.backend == "local" else {}
         env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-        if self.backend == "local" or self._owns_ray:  # same host: share the parent's store
+        if self.transport == "store":  # same host: the workers read the parent's store in place
             env["THAW_AGENTS_STORE"] = str(store_dir())
+        elif self.backend == "local":
+            # Each round's snapshot lands in shared memory; a store beside it (same file system)
+            # takes it in by a hard link, not a copy.
+            env["THAW_AGENTS_STORE"] = str(self.run_dir() / "store")
+            env[PRIVATE_STORE_ENV] = "1"
+        else:  # a Ray actor keeps its store in its own shared-memory folder (see _ray.py)
+            env[PRIVATE_STORE_ENV] = "1"
         if device is not None:
             if is_cpu_platform():
                 logger.info("devices are ignored on the CPU backend")

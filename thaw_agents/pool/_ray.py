@@ -59,7 +59,7 @@ class _PoolActor:
     """The actor body: materialise snapshot bytes as local files, then defer to the service."""
 
     def __init__(self, name: str) -> None:
-        from ._service import EngineService
+        from ._service import PRIVATE_STORE_ENV, EngineService
         from ._worker import pin_process
 
         pin_process()  # before the engine starts its threads (a local Ray: cores split as locally)
@@ -67,6 +67,8 @@ class _PoolActor:
         root = runtime_root()
         clean_stale(root)
         self._dir = make_run_dir(root, "ray")
+        if os.environ.get(PRIVATE_STORE_ENV):  # snapshots land in self._dir: a store beside them
+            os.environ["THAW_AGENTS_STORE"] = str(self._dir / "store")
         self._service = EngineService(name)
 
     def handle(self, message: dict[str, Any]) -> dict[str, Any]:

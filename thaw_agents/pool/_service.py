@@ -31,6 +31,9 @@ __all__ = ["TEST_HOOK_ENV", "EngineService"]
 
 logger = logging.getLogger(__name__)
 TEST_HOOK_ENV = "THAW_AGENTS_POOL_TEST_HOOK"
+# Set by the pool when this worker's snapshot store is its own (in the pool's shared-memory
+# folder): snapshots shipped for a round are hard-linked in there and removed after it.
+PRIVATE_STORE_ENV = "THAW_AGENTS_POOL_PRIVATE_STORE"
 
 
 class EngineService:
@@ -126,11 +129,23 @@ class EngineService:
             )
         except BatchTimeout as exc:
             raise BatchTimeout(f"generate ran past its timeout in the worker: {exc}") from None
+        finally:
+            if handle is not None:
+                self._release(handle)
         for reply, branch in zip(replies, branches, strict=True):
             reply["index"] = branch["index"]
         return {"branches": replies, "generate_s": time.perf_counter() - start}
 
     # -- helpers ---------------------------------------------------------------------------
+    def _release(self, handle: Any) -> None:
+        """Remove a round's snapshot from a private store once no pending round uses it."""
+        if not os.environ.get(PRIVATE_STORE_ENV):
+            return
+        in_use = {path for other in self._handles.values() for path in other.paths}
+        for path in handle.paths:
+            if path not in in_use:
+                path.unlink(missing_ok=True)
+
     def _engine(self) -> Any:
         if self._llm is None:
             raise EngineError("the worker has no engine yet (boot first)")

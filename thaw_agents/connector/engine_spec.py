@@ -1,0 +1,108 @@
+"""What this engine's KV cache is, as a :class:`KVSpec`: the one description both halves check
+snapshots against.
+
+The scheduler half knows the model, the block size and the platform from the config; the
+worker half also knows the cache tensors and the attention backend that was actually
+resolved. Detection fails closed: a layout that cannot be determined is an error, never a
+placeholder that could match another engine's placeholder.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._kvspec import KVSpec, LayerSpec, model_fingerprint
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+
+__all__ = ["LayoutUnknownError", "engine_fingerprint", "kv_layout_name", "platform_name", "worker_spec"]
+
+
+class LayoutUnknownError(RuntimeError):
+    """The KV byte layout of this engine cannot be determined; thaw refuses to load or save."""
+
+
+def engine_fingerprint(vllm_config: VllmConfig) -> str:
+    model_config = vllm_config.model_config
+    return model_fingerprint(model_config.model, model_config.hf_config.to_dict())
+
+
+def platform_name() -> str:
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else str(current_platform.device_name)
+
+
+def kv_layout_name(
+    vllm_config: VllmConfig, layer_names: list[str], dtype: torch.dtype, block_size: int
+) -> str:
+    """``<backend>/<variant>``: the attention backend vLLM resolved for these layers (never
+    "auto") and, on CPU, the instruction-set variant that decides how K is packed."""
+    from vllm.platforms import current_platform
+
+    backend = _resolved_backend(vllm_config, layer_names)
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        head_size = vllm_config.model_config.get_head_size()
+        try:
+            isa = _get_attn_isa(dtype, block_size, head_size, vllm_config.cache_config.cache_dtype)
+        except Exception as exc:  # a vLLM without this helper, or a combination it refuses
+            raise LayoutUnknownError(f"cannot tell the CPU attention variant: {exc}") from exc
+        return f"{backend}/{isa}"
+    return f"{platform_name()}/{backend}"
+
+
+def _backend_label(name: str) -> str:
+    return name.lower().replace("_", "-")  # CPU_ATTN -> cpu-attn, FLASH_ATTN -> flash-attn
+
+
+def _resolved_backend(vllm_config: VllmConfig, layer_names: list[str]) -> str:
+    context: dict[str, Any] = vllm_config.compilation_config.static_forward_context
+    names: set[str] = set()
+    for name in layer_names:
+        layer = context.get(name)
+        backend = None
+        if layer is not None:
+            getter = getattr(layer, "get_attn_backend", None)
+            backend = getter() if callable(getter) else getattr(layer, "attn_backend", None)
+        if backend is None:
+            raise LayoutUnknownError(f"the attention backend of layer {name!r} is unknown")
+        names.add(_backend_label(str(backend.get_name())))
+    if len(names) != 1:
+        raise LayoutUnknownError(f"layers use several attention backends {sorted(names)}")
+    return names.pop()
+
+
+def worker_spec(
+    vllm_config: VllmConfig, names: list[str], layers: list[torch.Tensor], block_dim: int
+) -> KVSpec:
+    """The full spec of the registered cache tensors (one per layer, blocks along ``block_dim``)."""
+    from vllm import __version__ as vllm_version
+
+    cfg = vllm_config
+    block_size = cfg.cache_config.block_size
+    specs = []
+    for name, tensor in zip(names, layers, strict=True):
+        shape = list(tensor.shape)
+        del shape[block_dim]
+        specs.append(
+            LayerSpec(
+                name=name,
+                block_shape=tuple(shape),
+                block_nbytes=tensor.numel() // tensor.shape[block_dim] * tensor.element_size(),
+            )
+        )
+    dtype = layers[0].dtype
+    return KVSpec(
+        model_name=cfg.model_config.served_model_name or cfg.model_config.model,
+        model_fingerprint=engine_fingerprint(cfg),
+        vllm_version=vllm_version,
+        platform=platform_name(),
+        kv_layout=kv_layout_name(cfg, names, dtype, block_size),
+        dtype=str(dtype).removeprefix("torch."),
+        block_size=block_size,
+        layers=tuple(specs),
+    )
