@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -37,7 +38,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.verify:
         verify_regions(manifest.container)
     if args.json:
-        print(json.dumps(manifest.container.header, indent=2, sort_keys=True))
+        # ASCII only: a header string cannot carry a terminal escape to the reader's screen.
+        print(json.dumps(manifest.container.header, indent=2, sort_keys=True, ensure_ascii=True))
         return 0
     spec = manifest.spec
     tokens = len(manifest.token_ids) + len(manifest.tail_token_ids)
@@ -78,28 +80,62 @@ def _cmd_info(args: argparse.Namespace) -> int:
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+        # Every value may hold header strings: escaped, so a newline cannot fake a line.
+        print(f"{key:<{width}}  {_printable(value)}")
     return 0
+
+
+def _printable(text: object) -> str:
+    """``text`` with control and non-printable characters (escapes, newlines, lone surrogates)
+    written as Python escapes, as ``ascii()`` would; printable non-ASCII text stays readable."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
 
 
 def _cmd_freeze(args: argparse.Namespace) -> int:
     import time
 
+    from ._errors import EngineError, ThawError
     from .weights import read_weights_manifest
     from .weights_vllm import freeze_model
 
+    _check_freeze_args(args.model, args.output)
     start = time.perf_counter()
     model = None if args.model == "default" else args.model
     kwargs = {"dtype": args.dtype} if args.dtype else {}
     if args.tensor_parallel_size > 1:
         kwargs["tensor_parallel_size"] = args.tensor_parallel_size
-    path = freeze_model(model, args.output, **kwargs)
+    try:
+        path = freeze_model(model, args.output, **kwargs)
+    except (ThawError, OSError):
+        raise
+    except Exception as exc:  # vLLM and transformers report a bad model in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise EngineError(
+            f"could not freeze {model or 'the default model'}: {type(exc).__name__}: {first}"
+        ) from exc
     manifest = read_weights_manifest(path.replace("{rank}", "0"))
-    print(
+    summary = (
         f"froze {len(manifest.tensors)} tensors, {manifest.nbytes:,} bytes of {manifest.model_name} "
         f"to {path} in {time.perf_counter() - start:.1f} s"
     )
+    print(_printable(summary))
     return 0
+
+
+def _check_freeze_args(model: str, output: str) -> None:
+    """Refuse a missing model folder or output folder before loading anything (seconds of
+    engine start-up for an error that a stat can give)."""
+    from ._errors import ConfigError
+
+    if model != "default":
+        looks_like_path = model.startswith(("/", ".", "~")) or model.endswith("/") or model.count("/") > 1
+        if os.path.exists(model) and not os.path.isdir(model):
+            raise ConfigError(f"{model} is not a folder; give a Hugging Face model folder or id")
+        if looks_like_path and not os.path.isdir(os.path.expanduser(model)):
+            raise ConfigError(f"no model folder at {model}; give a Hugging Face model folder or id")
+    folder = os.path.dirname(os.path.abspath(output)) or "."
+    if not os.path.isdir(folder):
+        raise ConfigError(f"the output folder {folder} does not exist; create it first")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,9 +165,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ThawError as exc:
-        print(f"thaw-agents: error: {exc}", file=sys.stderr)
+    except (ThawError, OSError) as exc:
+        # One line, escaped (the message may quote a file's strings or a hostile path).
+        message = str(exc) if isinstance(exc, ThawError) else _os_error(exc)
+        print(f"thaw-agents: error: {_printable(message)}", file=sys.stderr)
         return 1
+
+
+def _os_error(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
 
 
 if __name__ == "__main__":

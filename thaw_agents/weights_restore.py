@@ -530,6 +530,13 @@ class HostWeights:
             landing_ok=verify if landing is None else landing,
         )
 
+    def __del__(self) -> None:
+        # A dropped handle must not leak its fd (map keeps one open to watch the file).
+        with contextlib.suppress(Exception):
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
     def close(self) -> None:
         """Unregister and unmap (a mapped file); drop the host copy; close the file."""
         if self._keep is not None:

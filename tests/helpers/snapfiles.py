@@ -1,4 +1,4 @@
-"""Build hostile variants of a real snapshot file."""
+"""Build hostile variants of real snapshot and weights files."""
 
 from __future__ import annotations
 
@@ -13,11 +13,55 @@ from typing import Any
 from thaw_agents._container import MAGIC, PAYLOAD_ALIGN, read_container
 
 
-def rewrite_header(src: Path, dst: Path, mutate: Callable[[dict[str, Any]], None]) -> Path:
-    """Copy ``src`` to ``dst`` with its JSON header changed by ``mutate`` (payload unchanged)."""
+def encode_header(header: Any, *, pad: bool = True) -> bytes:
+    """A header as a file holds it: JSON (ASCII, so lone surrogates travel as escapes; NaN and
+    Infinity written as the bare words Python emits), space-padded to align the payload."""
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    if pad:
+        raw += b" " * (-(16 + len(raw)) % PAYLOAD_ALIGN)
+    return raw
+
+
+def assemble(header: bytes, payload: bytes | memoryview) -> bytes:
+    """Prefix (magic, header length) + header + payload."""
+    return struct.pack("<8sQ", MAGIC, len(header)) + header + bytes(payload)
+
+
+def split(data: bytes) -> tuple[dict[str, Any], int]:
+    """The header of a well-formed file's bytes, and where its payload starts."""
+    (nbytes,) = struct.unpack_from("<Q", data, 8)
+    return json.loads(data[16 : 16 + nbytes]), 16 + nbytes
+
+
+def reid(header: dict[str, Any]) -> None:
+    """Recompute ``snapshot.id`` of an edited KV header, as a careful forger would, so that a
+    test reaches the checks beyond the id (the engine's spec comparison). Leaves headers that
+    do not parse as they are."""
+    from thaw_agents._kvspec import KVSpec, snapshot_id
+
+    try:
+        snap = header["snapshot"]
+        spec = KVSpec.from_json(header["kv_spec"])
+        keys, parent = snap["keys"], snap.get("parent")
+        last = keys[-1] if keys else (parent["last_key"] if parent else "")
+        snap["id"] = snapshot_id(spec, bytes.fromhex(last), snap["tail_token_ids"])
+    except Exception:
+        return
+
+
+def rewrite_header(
+    src: Path, dst: Path, mutate: Callable[[dict[str, Any]], None], *, recompute_id: bool = True
+) -> Path:
+    """Copy ``src`` to ``dst`` with its JSON header changed by ``mutate`` (payload unchanged).
+
+    ``recompute_id``: give a KV header the id of its edited content (see :func:`reid`);
+    False leaves the stored id, which the reader then refuses.
+    """
     container = read_container(src)
     header = json.loads(json.dumps(container.header))
     mutate(header)
+    if recompute_id and header.get("kind") == "kv":
+        reid(header)
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     total = 16 + len(raw)
     padded = -(-total // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
