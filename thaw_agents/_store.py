@@ -9,7 +9,7 @@ and the engine only ever sees its id.
 
 Writers (the engine's saves, imports, downloads) write ``.thaw-<pid>-<random>.partial`` and
 rename it into place; a killed writer's leftovers are removed by :func:`clean_stale`, which
-every :func:`open_store` runs (at most once a minute per folder).
+every :func:`open_store` runs (it rescans a folder only when the folder changed).
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ MAX_CHAIN_FILES = 4096
 # Leftovers of a writer whose pid we cannot check (another host on a shared folder, or a
 # recycled pid) are removed once they are this old.
 _STALE_AGE_S = 3600.0
-_CLEANED: dict[str, float] = {}
-_CLEAN_EVERY_S = 60.0
+_SCANNED: dict[str, tuple[int, bool]] = {}  # folder -> (its mtime at the last scan, live writers seen)
 
 
 def partial_prefix() -> str:
@@ -183,37 +182,44 @@ def clean_stale(store: Path, *, force: bool = False) -> int:
     """Remove temporary files of writers that died (SIGKILL, power loss); return how many.
 
     A ``.thaw-<pid>-*.partial`` file is stale when that process no longer exists, or when it
-    is older than an hour (the pid may be another host's, or recycled).
+    is older than an hour (the pid may be another host's, or recycled). The folder is scanned
+    again only when it changed since the last scan, or when a live writer's file was seen then
+    (that writer may have died since), so calling this on every store operation is cheap.
     """
     key = str(store)
-    now = time.monotonic()
-    if not force and now - _CLEANED.get(key, -_CLEAN_EVERY_S) < _CLEAN_EVERY_S:
+    try:
+        mtime_ns = os.stat(store).st_mtime_ns
+    except OSError:
         return 0
-    _CLEANED[key] = now
-    removed = 0
+    last = _SCANNED.get(key)
+    if not force and last is not None and last[0] == mtime_ns and not last[1]:
+        return 0
+    removed, live = 0, False
     try:
         entries = list(os.scandir(store))
     except OSError:
         return 0
     wall = time.time()
     for entry in entries:
-        if entry.name.endswith(".error"):  # a save error nobody came back for
-            with contextlib.suppress(OSError):
-                if wall - entry.stat(follow_symlinks=False).st_mtime > _STALE_AGE_S:
-                    os.unlink(entry.path)
-                    removed += 1
-            continue
-        if not entry.name.startswith(".thaw-") or not entry.name.endswith(".partial"):
-            continue
-        match = _PARTIAL.fullmatch(entry.name)
         try:
-            old = wall - entry.stat(follow_symlinks=False).st_mtime > _STALE_AGE_S
+            age_s = wall - entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             continue
-        if old or (match and not _alive(int(match.group(1)))):
+        if entry.name.endswith(".error"):  # a save error nobody came back for
+            stale = age_s > _STALE_AGE_S
+        elif entry.name.startswith(".thaw-") and entry.name.endswith(".partial"):
+            match = _PARTIAL.fullmatch(entry.name)
+            stale = age_s > _STALE_AGE_S or (match is not None and not _alive(int(match.group(1))))
+            live = live or not stale
+        else:
+            continue
+        if stale:
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
                 removed += 1
+    with contextlib.suppress(OSError):
+        mtime_ns = os.stat(store).st_mtime_ns
+    _SCANNED[key] = (mtime_ns, live)
     return removed
 
 

@@ -1,6 +1,7 @@
 """A seeded, randomly initialised tiny Llama (a few MB) with the default model's tokenizer.
 
-Usage as a script: python tiny_model.py OUT_SNAPSHOT.thaw  (forks a prompt on it and saves)
+Usage as a script: python tiny_model.py OUT_SNAPSHOT.thaw [SEED] [PROMPT]  (builds the model
+beside OUT, forks PROMPT on it and saves the snapshot to OUT)
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import sys
 from pathlib import Path
 
 
-def build_tiny_model(folder: Path, *, initializer_range: float = 0.5) -> Path:
+def build_tiny_model(folder: Path, *, initializer_range: float = 0.5, seed: int = 0) -> Path:
     """Build (once) a seeded random tiny Llama in ``folder`` with the default model's tokenizer.
 
     ``initializer_range`` sets how much the output depends on the prompt: 0.5 (the default)
-    makes different prompts give different tokens.
+    makes different prompts give different tokens. Another ``seed`` gives a model of the same
+    shapes with other weights.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -24,7 +26,7 @@ def build_tiny_model(folder: Path, *, initializer_range: float = 0.5) -> Path:
     if (folder / "config.json").exists():
         return folder
     src = default_model(progress=False)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=49152,
         hidden_size=64,
@@ -51,9 +53,11 @@ def main() -> None:
     import thaw_agents
 
     out = Path(sys.argv[1])
-    folder = build_tiny_model(out.parent / "tiny-llama")
+    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    prompt = sys.argv[3] if len(sys.argv) > 3 else "A prompt for a different model. " * 20
+    folder = build_tiny_model(out.parent / ("tiny-llama" if seed == 0 else f"tiny-llama-{seed}"), seed=seed)
     llm = thaw_agents.make_llm(str(folder), max_model_len=1024, seed=0)
-    handle = thaw_agents.fork(llm, "A prompt for a different model. " * 20)
+    handle = thaw_agents.fork(llm, prompt)
     handle.save(out)
 
 
