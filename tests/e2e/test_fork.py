@@ -24,8 +24,8 @@ from thaw_agents import (
     SnapshotWriteError,
 )
 from thaw_agents._container import read_container
-from thaw_agents._kvspec import KVSpec, snapshot_id
 from thaw_agents._engine import cpu_dtype, is_cpu_platform
+from thaw_agents._kvspec import KVSpec, snapshot_id
 
 pytestmark = pytest.mark.e2e
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
