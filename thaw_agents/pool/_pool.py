@@ -207,7 +207,7 @@ class ForkPool:
         for index in range(self._count):
             device = self._devices[index] if self._devices else None
             name = f"{self.backend}-{index}"
-            env = self._env_for(device, binds[index])
+            env = self._env_for(name, device, binds[index])
             self._slots.append(
                 WorkerSlot(
                     index,
@@ -299,7 +299,7 @@ class ForkPool:
         per = len(cores) // self._count
         return [",".join(map(str, cores[i * per : (i + 1) * per])) for i in range(self._count)]
 
-    def _env_for(self, device: str | None, bind: str | None) -> dict[str, str]:
+    def _env_for(self, name: str, device: str | None, bind: str | None) -> dict[str, str]:
         from .._engine import is_cpu_platform
         from .._store import store_dir
 
@@ -308,9 +308,9 @@ class ForkPool:
         if self.transport == "store":  # same host: the workers read the parent's store in place
             env["THAW_AGENTS_STORE"] = str(store_dir())
         elif self.backend == "local":
-            # Each round's snapshot lands in shared memory; a store beside it (same file system)
-            # takes it in by a hard link, not a copy.
-            env["THAW_AGENTS_STORE"] = str(self.run_dir() / "store")
+            # Each round's snapshot lands in shared memory; a store of the worker's own beside it
+            # (same file system) takes it in by a hard link, not a copy.
+            env["THAW_AGENTS_STORE"] = str(self.run_dir() / f"store-{name}")
             env[PRIVATE_STORE_ENV] = "1"
         else:  # a Ray actor keeps its store in its own shared-memory folder (see _ray.py)
             env[PRIVATE_STORE_ENV] = "1"
