@@ -89,8 +89,9 @@ class KVSpec:
     def differences(self, other: KVSpec) -> list[tuple[str, Any, Any]]:
         """Fields that differ, as (field, self's value, other's value), most telling first.
 
-        The vLLM version is informative only: the byte layout is what must match, and
-        it is covered by ``kv_layout``, ``dtype`` and the shapes.
+        The vLLM version must be of the same release series (major.minor): the byte layout of
+        a backend's blocks is vLLM's internal business and may change between releases even
+        when the backend's name does not. Patch releases are assumed to keep it.
         """
         out: list[tuple[str, Any, Any]] = []
         for name in ("model_fingerprint", "dtype", "block_size", "kv_layout", "platform"):
@@ -101,6 +102,8 @@ class KVSpec:
         their_layers = [(lyr.block_shape, lyr.block_nbytes) for lyr in other.layers]
         if mine_layers != their_layers:
             out.append(("layers", _layers_summary(self.layers), _layers_summary(other.layers)))
+        if release_series(self.vllm_version) != release_series(other.vllm_version):
+            out.append(("vllm_version", self.vllm_version, other.vllm_version))
         return out
 
     def chain_root_material(self) -> bytes:
@@ -172,6 +175,11 @@ def _spec_from_json(cls: type[KVSpec], data: Any) -> KVSpec:
         block_size=want_int(data["block_size"], "kv_spec.block_size", None, lo=1, hi=_MAX_BLOCK_SIZE),
         layers=tuple(layers),
     )
+
+
+def release_series(version: str) -> str:
+    """``"0.32"`` for ``"0.32.0"``, ``"0.32.1.dev3+cpu"``: what must match between engines."""
+    return ".".join(version.split("+", 1)[0].split(".")[:2])
 
 
 def _layers_summary(layers: Sequence[LayerSpec]) -> str:

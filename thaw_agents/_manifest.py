@@ -35,6 +35,8 @@ _HINTS = {
     "set; take the snapshot on a matching engine",
     "platform": "snapshots do not cross CPU and GPU engines",
     "layers": "the engines' KV caches have different shapes (model or tensor parallel size)",
+    "vllm_version": "KV block layouts may change between vLLM releases; re-create the snapshot with "
+    "this engine's vLLM",
 }
 
 

@@ -268,3 +268,20 @@ def test_another_models_snapshot_with_the_same_shapes_is_never_served(tiny_pair)
     with pytest.raises(SnapshotMismatchError) as info:
         foreign.hydrate(llm)
     assert info.value.field == "model_fingerprint"
+
+
+def test_a_snapshot_of_another_vllm_release_is_refused(llm, trunk: dict, tmp_path: Path) -> None:
+    def older(header: dict) -> None:
+        header["kv_spec"]["vllm_version"] = "0.31.2"
+
+    original = trunk["handle"].path.read_bytes()
+    try:  # the same tokens, so the same id: the import replaces the trunk's own file for a while
+        foreign = ForkHandle.load(snapfiles.rewrite_header(trunk["handle"].path, tmp_path / "v.thaw", older))
+        with pytest.raises(SnapshotMismatchError) as info:
+            foreign.hydrate(llm)
+        assert info.value.field == "vllm_version" and "re-create" in str(info.value)
+        llm.reset_prefix_cache()
+        out = _generate(llm, trunk["prompt"], foreign.kv_transfer_params())  # the worker refuses it too
+    finally:
+        trunk["handle"].path.write_bytes(original)
+    assert out.num_cached_tokens == 0 and list(out.outputs[0].token_ids) == trunk["cold"]
