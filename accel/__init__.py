@@ -24,15 +24,17 @@ Example:
 from ._blake3 import PendingDigests, blake3_digests, blake3_hex, launch_blake3_digests
 from ._blocks import BlockLayout, gather_blocks, scatter_blocks, staging_nbytes
 from ._copy import copy_segments
-from ._cuda import CupyMissingError
+from ._cuda import CupyMissingError, check_cuda_data_path
 from ._direct import O_DIRECT, AtomicFile, probe_o_direct, read_into, write_segments
 from ._fileio import block_views, read_blocks_into
+from ._kvio import CudaBlockLoader
 from ._staging import HostRegistration, StagingBuffer, aligned_empty, cuda_available
 
 __all__ = [
     "O_DIRECT",
     "AtomicFile",
     "BlockLayout",
+    "CudaBlockLoader",
     "CupyMissingError",
     "HostRegistration",
     "PendingDigests",
@@ -41,6 +43,7 @@ __all__ = [
     "blake3_digests",
     "blake3_hex",
     "block_views",
+    "check_cuda_data_path",
     "copy_segments",
     "cuda_available",
     "gather_blocks",

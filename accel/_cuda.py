@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CupyMissingError",
+    "check_cuda_data_path",
     "copy_segments_cuda",
     "cuda_host_path",
     "gather_cuda",
@@ -414,3 +415,36 @@ def copy_segments_cuda(copies: Sequence[tuple[int, int, int]], device: int) -> N
             (np.uint64(table_dev.data_ptr()), np.int64(len(table))),
         )
     table_dev.record_stream(stream)
+
+
+def check_cuda_data_path(device: int) -> None:
+    """Prove the CUDA data path works on ``device`` before an engine relies on it: CuPy
+    imports, the kernels compile, and a gather and a scatter of a small test cache round-trip.
+
+    Raises:
+        CupyMissingError: CuPy is not installed (the message is the pip command).
+        RuntimeError: CuPy is there but cannot run here (another CUDA major than PyTorch's,
+            no compiler runtime); the message says what failed and what to install.
+    """
+    import torch
+
+    from ._blocks import BlockLayout, gather_blocks, scatter_blocks
+    from ._kernels import _install_command
+
+    require_cupy()
+    try:
+        src = [torch.arange(4 * 2 * 8, dtype=torch.int32, device=device).view(4, 2, 8) for _ in range(2)]
+        dst = [torch.zeros_like(t) for t in src]
+        staged = gather_blocks(src, [3, 1], layout=BlockLayout(block_dim=0))
+        scatter_blocks(staged, dst, [0, 2], layout=BlockLayout(block_dim=0))
+        torch.cuda.synchronize(device)
+        ok = all(torch.equal(d[0], s[3]) and torch.equal(d[2], s[1]) for s, d in zip(src, dst, strict=True))
+    except CupyMissingError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(
+            f"thaw's CUDA data path does not run on cuda:{device} (PyTorch CUDA {torch.version.cuda}): "
+            f"{type(exc).__name__}: {exc}. Install the CuPy build for this CUDA: {_install_command()}"
+        ) from exc
+    if not ok:
+        raise RuntimeError(f"thaw's CUDA gather/scatter self-test gave wrong bytes on cuda:{device}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .._compat import attn_backend_name, kv_cache_layout
 from .._kvspec import KVSpec, LayerSpec, model_fingerprint
 
 if TYPE_CHECKING:
@@ -38,8 +39,10 @@ def platform_name() -> str:
 def kv_layout_name(
     vllm_config: VllmConfig, layer_names: list[str], dtype: torch.dtype, block_size: int
 ) -> str:
-    """``<backend>/<variant>``: the attention backend vLLM resolved for these layers (never
-    "auto") and, on CPU, the instruction-set variant that decides how K is packed."""
+    """The byte layout of a block: on CPU ``<backend>/<isa>`` (the instruction-set variant
+    decides how K is packed), elsewhere ``<platform>/<backend>/<NHD|HND>`` (the token/head
+    order vLLM chose). The backend is the one vLLM resolved for these layers, never "auto";
+    anything that cannot be determined raises :class:`LayoutUnknownError`."""
     from vllm.platforms import current_platform
 
     backend = _resolved_backend(vllm_config, layer_names)
@@ -52,7 +55,10 @@ def kv_layout_name(
         except Exception as exc:  # a vLLM without this helper, or a combination it refuses
             raise LayoutUnknownError(f"cannot tell the CPU attention variant: {exc}") from exc
         return f"{backend}/{isa}"
-    return f"{platform_name()}/{backend}"
+    order = kv_cache_layout()
+    if order not in {"NHD", "HND"}:
+        raise LayoutUnknownError(f"vLLM does not say how it orders tokens and heads in a block ({order!r})")
+    return f"{platform_name()}/{backend}/{order}"
 
 
 def _backend_label(name: str) -> str:
@@ -63,17 +69,28 @@ def _resolved_backend(vllm_config: VllmConfig, layer_names: list[str]) -> str:
     context: dict[str, Any] = vllm_config.compilation_config.static_forward_context
     names: set[str] = set()
     for name in layer_names:
-        layer = context.get(name)
-        backend = None
-        if layer is not None:
-            getter = getattr(layer, "get_attn_backend", None)
-            backend = getter() if callable(getter) else getattr(layer, "attn_backend", None)
-        if backend is None:
+        backend = attn_backend_name(context.get(name))
+        if not backend:
             raise LayoutUnknownError(f"the attention backend of layer {name!r} is unknown")
-        names.add(_backend_label(str(backend.get_name())))
+        names.add(_backend_label(backend))
     if len(names) != 1:
         raise LayoutUnknownError(f"layers use several attention backends {sorted(names)}")
     return names.pop()
+
+
+def _check_block_contiguous(name: str, tensor: torch.Tensor, block_dim: int) -> None:
+    """The dimensions after ``block_dim`` must be laid out densely in their logical order: the
+    spec describes a block by its logical shape, so a permuted layout (HND stored under an NHD
+    shape) would record bytes in an order the spec does not say. Refuse it."""
+    expected = 1
+    inner = zip(tensor.shape[block_dim + 1 :], tensor.stride()[block_dim + 1 :], strict=True)
+    for size, stride in reversed(list(inner)):
+        if size != 1 and stride != expected:
+            raise LayoutUnknownError(
+                f"layer {name!r}: a block of the {tuple(tensor.shape)} cache with strides {tensor.stride()} "
+                "is not dense in its logical order"
+            )
+        expected *= size
 
 
 def worker_spec(
@@ -86,6 +103,7 @@ def worker_spec(
     block_size = cfg.cache_config.block_size
     specs = []
     for name, tensor in zip(names, layers, strict=True):
+        _check_block_contiguous(name, tensor, block_dim)
         shape = list(tensor.shape)
         del shape[block_dim]
         specs.append(

@@ -26,8 +26,10 @@ import torch
 
 from thaw_agents.accel import (
     BlockLayout,
+    CudaBlockLoader,
     StagingBuffer,
     block_views,
+    check_cuda_data_path,
     gather_blocks,
     read_blocks_into,
     scatter_blocks,
@@ -64,6 +66,8 @@ class ThawWorker:
         self._load_errors: set[int] = set()
         self._staging = StagingBuffer()
         self._manifests = ManifestCache(self.store)
+        self._cuda_loader: CudaBlockLoader | None = None
+        self._last_load: dict[str, Any] | None = None
 
     # -- setup -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -86,12 +90,21 @@ class ThawWorker:
         if num_blocks and first.shape[0] != num_blocks and first.dim() > 1 and first.shape[1] == num_blocks:
             block_dim = 1  # FlashAttention-style [2, num_blocks, ...]
         self._layout = BlockLayout(block_dim=block_dim)
+        if first.is_cuda:
+            # A GPU cache needs the CUDA data path (CuPy kernels). Without it every load would
+            # fail and be recomputed quietly: refuse to start instead (CupyMissingError names
+            # the package to install).
+            device = first.device.index or 0
+            check_cuda_data_path(device)
+            self._cuda_loader = CudaBlockLoader(device)
         try:
             self.spec = worker_spec(cfg, names, self._layers, block_dim)
         except LayoutUnknownError as exc:
             # Fail closed: without a known layout nothing is loaded or saved.
             self._spec_error = f"thaw is disabled in this engine: {exc}"
             logger.error("%s", self._spec_error)
+        if self.spec is not None and self._cuda_loader is not None:
+            self._cuda_loader.reserve(self.spec.block_nbytes)  # pinned slots now, not in a request
         logger.debug(
             "thaw: registered %d KV layers, first %s stride %s, block_dim %d, store %s",
             len(names),
@@ -105,7 +118,10 @@ class ThawWorker:
         """``{"spec": ..., "store": ...}``, or ``{"error": ...}`` when thaw cannot run here."""
         if self.spec is None:
             return {"error": self._spec_error}
-        return {"spec": self.spec.to_json(), "store": str(self.store)}
+        out: dict[str, Any] = {"spec": self.spec.to_json(), "store": str(self.store)}
+        if self._last_load is not None:
+            out["last_load"] = dict(self._last_load)  # what the latest load cost (benchmarks)
+        return out
 
     def _require_spec(self) -> KVSpec:
         if self.spec is None:
@@ -138,16 +154,16 @@ class ThawWorker:
         start = time.perf_counter()
         self._check_files(job)
         spec = self._require_spec()
-        # On the CPU blocks are read straight into the cache rows; elsewhere (GPU) into the
-        # host staging buffer first, then scattered. Either way one read-and-verify path.
+        # On the CPU blocks are read straight into the cache rows; on a GPU through pinned
+        # chunks to the device, checked there (CudaBlockLoader); otherwise into the host
+        # staging buffer first, then scattered.
         views = block_views(self._layers, job.block_ids, self._layout)
-        staged = None
-        if views is None:
+        if views is None and self._cuda_loader is not None:
+            bad = self._read_verified_cuda(job, spec.block_nbytes)
+        elif views is None:
             staged = self._staging.rows(len(job.block_ids), spec.block_nbytes)
             rows = staged.numpy()
-            views = [[memoryview(rows[i])] for i in range(len(job.block_ids))]
-        bad = self._read_verified(job, views)
-        if staged is not None:
+            bad = self._read_verified(job, [[memoryview(rows[i])] for i in range(len(job.block_ids))])
             good = [i for i, b in enumerate(job.block_ids) if b not in bad]
             if good:
                 scatter_blocks(
@@ -156,6 +172,8 @@ class ThawWorker:
                     [job.block_ids[i] for i in good],
                     layout=self._layout,
                 )
+        else:
+            bad = self._read_verified(job, views)
         if bad:
             logger.error(
                 "thaw: request %s: %d blocks of %s failed their checksum; recomputing them",
@@ -164,11 +182,19 @@ class ThawWorker:
                 job.snapshot_id,
             )
             self._load_errors.update(bad)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        self._last_load = {
+            "blocks": len(job.block_ids),
+            "failed": len(bad),
+            "nbytes": len(job.block_ids) * spec.block_nbytes,
+            "ms": elapsed_ms,
+            "route": "cuda" if self._cuda_loader is not None else "host",
+        }
         logger.debug(
             "thaw: request %s: loaded %d blocks in %.1f ms",
             job.req_id,
             len(job.block_ids) - len(bad),
-            (time.perf_counter() - start) * 1e3,
+            elapsed_ms,
         )
 
     def _read_verified(self, job: LoadJob, views: list[list[memoryview]]) -> set[int]:
@@ -185,6 +211,34 @@ class ThawWorker:
                     [job.sources[i].offset for i in indices],
                     [views[i] for i in indices],
                     hasher=blake3.blake3,
+                )
+            finally:
+                os.close(fd)
+            for i, ok, digest in zip(indices, complete, digests, strict=True):
+                if not ok or digest != job.sources[i].checksum:
+                    bad.add(job.block_ids[i])
+        return bad
+
+    def _read_verified_cuda(self, job: LoadJob, row_nbytes: int) -> set[int]:
+        """Read, scatter and check every block on the GPU; the engine block ids that failed."""
+        assert self._cuda_loader is not None
+        bad: set[int] = set()
+        by_file: dict[str, list[int]] = defaultdict(list)
+        for i, src in enumerate(job.sources):
+            if src.nbytes != row_nbytes:
+                bad.add(job.block_ids[i])  # another block size than this engine's: never read
+            else:
+                by_file[src.snapshot_id].append(i)
+        for snapshot, indices in by_file.items():
+            fd = _open_regular(snapshot_path(self.store, snapshot))
+            try:
+                complete, digests = self._cuda_loader.load(
+                    fd,
+                    [job.sources[i].offset for i in indices],
+                    row_nbytes,
+                    self._layers,
+                    [job.block_ids[i] for i in indices],
+                    self._layout,
                 )
             finally:
                 os.close(fd)
