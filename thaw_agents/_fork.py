@@ -223,8 +223,10 @@ class ForkHandle:
         return _handle_from_chain([Path(m.path) for m in manifests], manifests)
 
     @classmethod
-    def from_id(cls, snapshot_id: str, *, verify: bool = False) -> ForkHandle:
-        """The handle of a snapshot in the local store, by id.
+    def from_id(
+        cls, snapshot_id: str, *, verify: bool = False, store: str | os.PathLike[str] | None = None
+    ) -> ForkHandle:
+        """The handle of a snapshot in the local store (or ``store``), by id.
 
         Raises:
             SnapshotNotFoundError: no such snapshot in the store (it was deleted, or this
@@ -235,7 +237,7 @@ class ForkHandle:
             raise SnapshotNotFoundError(
                 f"{str(snapshot_id)[:80]!r} is not a snapshot id ('thaw-' and 32 hex digits)"
             )
-        store = store_dir()
+        store = store_dir() if store is None else Path(store)
         if not snapshot_path(store, snapshot_id).exists():
             raise SnapshotNotFoundError(
                 f"snapshot {snapshot_id} is not in the local store",

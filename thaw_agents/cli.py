@@ -6,6 +6,14 @@ thaw-agents info PATH          print a snapshot's manifest in a readable form
 thaw-agents freeze MODEL --output FILE
                                write MODEL's weights to a .thaw file (restore with
                                LLM(MODEL, load_format="thaw", model_loader_extra_config={"snapshot": FILE}))
+thaw-agents snapshots list|rm|export|import
+                               the local snapshot store (THAW_AGENTS_STORE)
+thaw-agents serve [MODEL] [--host H] [--port P] [--api-key KEY] [vLLM server options]
+                               vLLM's OpenAI server with thaw and the /v1/thaw snapshot routes
+thaw-agents bench NAME [options]
+                               run benchmarks/NAME.py (from a source checkout)
+
+Exit status: 0 on success, 1 on an error (one line on stderr), 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -138,6 +147,80 @@ def _check_freeze_args(model: str, output: str) -> None:
         raise ConfigError(f"the output folder {folder} does not exist; create it first")
 
 
+def _cmd_snapshots(args: argparse.Namespace) -> int:
+    import time
+
+    from ._fork import ForkHandle
+    from ._store import SUFFIX, resolve_chain, store_dir
+
+    store = store_dir()
+    if args.action == "list":
+        rows = []
+        for path in sorted(store.glob("thaw-*" + SUFFIX)):
+            sid = path.name.removesuffix(SUFFIX)
+            try:
+                leaf = resolve_chain(store, sid)[-1]
+                st = path.stat()
+            except Exception as exc:  # listed, with why it cannot be used
+                rows.append({"id": sid, "error": str(exc)})
+                continue
+            bs = leaf.spec.block_size
+            rows.append(
+                {
+                    "id": sid,
+                    "num_tokens": leaf.end_block * bs + len(leaf.tail_token_ids),
+                    "nbytes": st.st_size,
+                    "parent": leaf.parent.snapshot_id if leaf.parent else None,
+                    "created": int(st.st_mtime),
+                    "last_used": int(max(st.st_atime, st.st_mtime)),
+                    "model": leaf.spec.model_name,
+                }
+            )
+        if args.json:
+            print(json.dumps({"store": str(store), "snapshots": rows}, indent=2, ensure_ascii=True))
+            return 0
+        print(f"{len(rows)} snapshots in {store}")
+        for row in rows:
+            if "error" in row:
+                print(f"  {row['id']}  unusable: {_printable(row['error'])}")
+                continue
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["last_used"]))
+            parent = f"  parent {row['parent']}" if row["parent"] else ""
+            print(
+                f"  {row['id']}  {row['num_tokens']:>7,} tokens  {row['nbytes']:>13,} bytes"
+                f"  used {when}{parent}"
+            )
+        return 0
+    if args.action == "rm":
+        for sid in args.ids:
+            ForkHandle.from_id(sid).delete()  # an unknown id is an error, before anything else goes
+            print(f"removed {sid}")
+        return 0
+    if args.action == "export":
+        handle = ForkHandle.from_id(args.ids[0], verify=True)
+        print(handle.save(args.dest))
+        return 0
+    handle = ForkHandle.load(args.ids[0])
+    print(handle.id)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from ._errors import ConfigError
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    names = (
+        sorted(p.stem for p in folder.glob("*.py") if not p.name.startswith("_")) if folder.is_dir() else []
+    )
+    if not names:
+        raise ConfigError("the benchmarks ship with the source tree: run this from a checkout of thaw-agents")
+    if args.name not in names:
+        raise ConfigError(f"no benchmark {args.name!r}; choose one of: {', '.join(names)}")
+    return subprocess.call([sys.executable, str(folder / f"{args.name}.py"), *args.options])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thaw-agents", description="Fork a live LLM session.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,14 +239,44 @@ def _parser() -> argparse.ArgumentParser:
     freeze.add_argument("--dtype", default=None, help="vLLM dtype (default: the model's)")
     freeze.add_argument("--tensor-parallel-size", type=int, default=1)
     freeze.set_defaults(func=_cmd_freeze)
+    snaps = sub.add_parser("snapshots", help="the local snapshot store (THAW_AGENTS_STORE)")
+    snaps_sub = snaps.add_subparsers(dest="action", required=True)
+    listing = snaps_sub.add_parser("list", help="every snapshot: id, tokens, bytes, last used")
+    listing.add_argument("--json", action="store_true")
+    remove = snaps_sub.add_parser("rm", help="remove snapshots by id")
+    remove.add_argument("ids", nargs="+", metavar="ID")
+    export = snaps_sub.add_parser(
+        "export", help="copy a snapshot (and its ancestors beside it) to a path or URI"
+    )
+    export.add_argument("ids", nargs=1, metavar="ID")
+    export.add_argument("dest", metavar="FILE")
+    imports = snaps_sub.add_parser(
+        "import", help="check a .thaw file and bring it into the store; prints its id"
+    )
+    imports.add_argument("ids", nargs=1, metavar="FILE")
+    snaps.set_defaults(func=_cmd_snapshots)
+    sub.add_parser(
+        "serve",
+        help="vLLM's OpenAI server with thaw (thaw-agents serve --help)",
+        add_help=False,
+    )
+    bench = sub.add_parser("bench", help="run a benchmark script (benchmarks/NAME.py)")
+    bench.add_argument("name")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="passed to the script")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ._errors import ThawError
 
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["serve"]:  # every option it does not know goes to vLLM's own parser
+            from .serve.launch import main as serve
+
+            return serve(argv[1:])
+        args = _parser().parse_args(argv)
         return int(args.func(args))
     except (ThawError, OSError) as exc:
         # One line, escaped (the message may quote a file's strings or a hostile path).

@@ -1,6 +1,6 @@
 """The per-request protocol: what a request puts in ``kv_transfer_params["thaw"]``.
 
-Load::  {"op": "load", "snapshot_id": "thaw-<32 hex>"}
+Load::  {"op": "load", "snapshot_id": "thaw-<32 hex>"}   ("op" may be left out for a load)
 Save::  {"op": "save", "snapshot_id": "thaw-<32 hex>", "num_tokens": N, "parent": "thaw-..." | null}
 
 Requests name snapshots by id, never by path: vLLM's OpenAI server copies a client's
@@ -94,7 +94,7 @@ def parse_params(kv_transfer_params: Any) -> LoadParams | SaveParams | None:
     params = kv_transfer_params[PARAMS_KEY]
     if not isinstance(params, dict):
         raise ParamsError("kv_transfer_params['thaw'] must be an object")
-    op = params.get("op")
+    op = params.get("op", "load" if set(params) == {"snapshot_id"} else None)
     unknown = set(params) - {"op", "snapshot_id", "num_tokens", "parent"}
     if unknown:
         raise ParamsError(
