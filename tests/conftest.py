@@ -51,3 +51,14 @@ def trunk_text() -> str:
     from helpers.texts import long_trunk
 
     return long_trunk()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """One real ``thaw-agents serve`` (default model, loopback, API key) for the test session."""
+    from helpers.server import start_server
+
+    folder = tmp_path_factory.mktemp("serve")
+    srv = start_server(folder / "store", folder / "server.log")
+    yield srv
+    srv.stop()
