@@ -42,8 +42,15 @@ install() {
   set -e
   [ -d /tmp/site/vllm ] || bash .stage/p3/install.sh
   python3 -c "import sys, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in sys.argv[1:]]" .gpu/wheels/*.whl
-  rm -rf /tmp/thaw-site
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/thaw-site .
+  # This checkout as an installed package (accel/ and integrations/ are subpackages of thaw_agents,
+  # and the dist-info carries the vllm.general_plugins entry point of load_format="thaw").
+  rm -rf /tmp/thaw-site && mkdir -p /tmp/thaw-site/thaw_agents-0.1.0.dist-info
+  cp -r thaw_agents /tmp/thaw-site/ && cp -r accel /tmp/thaw-site/thaw_agents/accel
+  cp -r integrations /tmp/thaw-site/thaw_agents/integrations
+  printf 'Metadata-Version: 2.1\nName: thaw-agents\nVersion: 0.1.0\n' >/tmp/thaw-site/thaw_agents-0.1.0.dist-info/METADATA
+  printf '[vllm.general_plugins]\nthaw_agents_weights = thaw_agents.weights_vllm:register\n' \
+    >/tmp/thaw-site/thaw_agents-0.1.0.dist-info/entry_points.txt
+  : >/tmp/thaw-site/thaw_agents-0.1.0.dist-info/RECORD
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
   df -h /dev/shm /var/tmp | cat
 }
@@ -79,6 +86,6 @@ step bench_hydrate "${BENCH[@]}" --load-format dummy --phases hydrate rounds
 step test_chat "${PYTEST[@]}" "tests/gpu/test_gpu_engine.py::test_chat_thaw_concurrent"
 step bench_chat "${BENCH[@]}" --load-format dummy --phases chat --max-model-len 2048
 step test_weights "${PYTEST[@]}" "tests/gpu/test_gpu_engine.py::test_weights_freeze_and_thaw_restore"
-step bench_weights "${BENCH[@]}" --phases weights --weights-dir /var/tmp/thaw-bench-w8b --keep-weights
+step bench_weights "${BENCH[@]}" --eager --phases weights --weights-dir /var/tmp/thaw-bench-w8b --keep-weights
 step bench_rounds_eager "${BENCH[@]}" --load-format dummy --phases rounds-eager
 echo "== finished $(date +%T), $(($(date +%s) - T0))s"
