@@ -171,8 +171,7 @@ def _cmd_snapshots(args: argparse.Namespace) -> int:
                     "num_tokens": leaf.end_block * bs + len(leaf.tail_token_ids),
                     "nbytes": st.st_size,
                     "parent": leaf.parent.snapshot_id if leaf.parent else None,
-                    "created": int(st.st_mtime),
-                    "last_used": int(max(st.st_atime, st.st_mtime)),
+                    "written": int(st.st_mtime),
                     "model": leaf.spec.model_name,
                 }
             )
@@ -184,11 +183,11 @@ def _cmd_snapshots(args: argparse.Namespace) -> int:
             if "error" in row:
                 print(f"  {row['id']}  unusable: {_printable(row['error'])}")
                 continue
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["last_used"]))
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["written"]))
             parent = f"  parent {row['parent']}" if row["parent"] else ""
             print(
                 f"  {row['id']}  {row['num_tokens']:>7,} tokens  {row['nbytes']:>13,} bytes"
-                f"  used {when}{parent}"
+                f"  written {when}{parent}"
             )
         return 0
     if args.action == "rm":
@@ -241,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
     freeze.set_defaults(func=_cmd_freeze)
     snaps = sub.add_parser("snapshots", help="the local snapshot store (THAW_AGENTS_STORE)")
     snaps_sub = snaps.add_subparsers(dest="action", required=True)
-    listing = snaps_sub.add_parser("list", help="every snapshot: id, tokens, bytes, last used")
+    listing = snaps_sub.add_parser("list", help="every snapshot: id, tokens, bytes, when written")
     listing.add_argument("--json", action="store_true")
     remove = snaps_sub.add_parser("rm", help="remove snapshots by id")
     remove.add_argument("ids", nargs="+", metavar="ID")

@@ -3,8 +3,9 @@
 One :class:`SnapshotService` per server process. It knows the engine's KV spec and store
 (from the engine's ``thaw_describe``), counts which snapshots running requests use, and
 evicts the least recently used snapshots when the store grows past its budget, never one
-in use. "Last used" is the file's access time, set explicitly on every use (so it survives
-a restart and does not depend on the file system's ``relatime``).
+in use. "Last used" is kept in memory from the server's start; before a snapshot's first
+use in this process it is the file's modification time (when it was written or imported).
+The access time cannot serve: every header read updates it.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class SnapshotService:
         self.max_nbytes = max_nbytes if max_nbytes is not None else default_budget_nbytes(self.store)
         self.manifests = ManifestCache(self.store)
         self._in_use: Counter[str] = Counter()
+        self._last_used: dict[str, float] = {}
         self._lock = threading.Lock()
         self.evicted: list[dict[str, Any]] = []  # the most recent evictions, for the list route
 
@@ -111,10 +113,7 @@ class SnapshotService:
         now = time.time()
         with self._lock:
             self._in_use.update(ids)
-        for snapshot in ids:
-            with contextlib.suppress(OSError):
-                path = snapshot_path(self.store, snapshot)
-                os.utime(path, (now, path.stat().st_mtime))
+            self._last_used.update(dict.fromkeys(ids, now))
 
     def release(self, ids: list[str]) -> None:
         with self._lock:
@@ -162,7 +161,7 @@ class SnapshotService:
             nbytes=st.st_size,
             parent=manifest.parent.snapshot_id if manifest.parent else None,
             created=st.st_mtime,
-            last_used=max(st.st_atime, st.st_mtime),
+            last_used=self._last_used.get(snapshot_id, st.st_mtime),
             in_use=self.in_use(snapshot_id),
         )
 
