@@ -1,0 +1,117 @@
+"""``thaw-agents`` on the command line: a user error is one clear line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from thaw_agents import cli
+from thaw_agents._container import MAGIC
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code: int, out: str, err: str, *words: str) -> None:
+    assert code == 1 and out == ""
+    assert err.startswith("thaw-agents: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert all(c.isprintable() for c in err.rstrip("\n")), err
+    for word in words:
+        assert word in err, err
+
+
+def test_info_on_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _one_line_error(*_run(capsys, "info", str(tmp_path / "nope.thaw")), "no snapshot file here")
+
+
+def test_info_on_a_folder_and_a_fifo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _one_line_error(*_run(capsys, "info", str(tmp_path)), "directory")
+    fifo = tmp_path / "pipe.thaw"
+    os.mkfifo(fifo)
+    _one_line_error(*_run(capsys, "info", str(fifo), "--verify"), "FIFO")
+
+
+def test_info_on_garbage_and_a_hostile_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "x\x1b[2J\nchecksums  verified.thaw"
+    bad.write_bytes(b"not a snapshot at all")
+    code, out, err = _run(capsys, "info", str(bad))
+    _one_line_error(code, out, err, "\\x1b", "\\n")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode-0 file anyway")
+def test_info_on_an_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "locked.thaw"
+    path.write_bytes(b"THAWSNAP")
+    path.chmod(0)
+    _one_line_error(*_run(capsys, "info", str(path)), "permission denied")
+
+
+def _kv_header_with(model_name: str) -> bytes:
+    """A KV header whose model name holds terminal escapes (the file is refused later, by its
+    id; what matters here is how its strings are printed in the error)."""
+    header = {"format": "thaw", "format_version": 1, "kind": "kv", "checksum_algorithm": "blake3",
+              "payload_nbytes": 0, "regions": [], "kv_spec": {"model_name": model_name}}  # fmt: skip
+    raw = json.dumps(header, ensure_ascii=True).encode()
+    return raw + b" " * (-(16 + len(raw)) % 4096)
+
+
+def test_header_strings_are_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "evil.thaw"
+    raw = _kv_header_with("\x1b]0;pwned\x07\nchecksums  verified\ud800")
+    path.write_bytes(struct.pack("<8sQ", MAGIC, len(raw)) + raw)
+    code, out, err = _run(capsys, "info", str(path), "--verify")
+    _one_line_error(code, out, err)
+    assert "\x1b" not in err and "\ud800" not in err
+
+
+def test_freeze_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _one_line_error(
+        *_run(capsys, "freeze", str(tmp_path / "missing"), "-o", str(tmp_path / "w.thaw")), "no model folder"
+    )
+    _one_line_error(
+        *_run(capsys, "freeze", "default", "-o", str(tmp_path / "no" / "such" / "w.thaw")), "output folder"
+    )
+    plain = tmp_path / "file"
+    plain.write_text("x")
+    _one_line_error(*_run(capsys, "freeze", str(plain), "-o", str(tmp_path / "w.thaw")), "not a folder")
+
+
+def _valid_kv_file(path: Path, model_name: str) -> Path:
+    """A small, self-consistent KV snapshot (keys and id computed as the engine does)."""
+    from thaw_agents._container import write_container
+    from thaw_agents._kvspec import HASH_SCHEME, KVSpec, LayerSpec, chain_keys, snapshot_id
+
+    spec = KVSpec(model_name=model_name, model_fingerprint="sha256:test", vllm_version="0", platform="cpu",
+                  kv_layout="test", dtype="float16", block_size=2,
+                  layers=(LayerSpec(name="l0", block_shape=(2, 2), block_nbytes=8),))  # fmt: skip
+    tokens, tail = [5, 6, 7, 8], [9]
+    keys = chain_keys(spec, tokens)
+    snap = {"id": snapshot_id(spec, keys[-1], tail), "first_block": 0, "token_ids": tokens,
+            "tail_token_ids": tail, "keys": [k.hex() for k in keys], "parent": None}  # fmt: skip
+    meta = {
+        "kv_spec": spec.to_json(),
+        "hash_scheme": HASH_SCHEME,
+        "snapshot": snap,
+        "created_by": "test\x1b[31m",
+    }
+    write_container(path, "kv", meta, [("block 0", b"\1" * 8), ("block 1", b"\2" * 8)])
+    return path
+
+
+def test_info_shows_header_strings_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _valid_kv_file(tmp_path / "ok.thaw", "evil\x1b[2J\nchecksums  verified\u2028")
+    code, out, err = _run(capsys, "info", str(path), "--verify")
+    assert code == 0 and err == ""
+    assert out.count("\n") == 12 and "\x1b" not in out and "\u2028" not in out
+    assert "evil\\x1b[2J\\nchecksums  verified\\u2028" in out
+    assert out.splitlines()[-1].split() == ["checksums", "verified"]
+    code, out, err = _run(capsys, "info", str(path), "--json")
+    assert code == 0 and out.isascii() and json.loads(out)["kv_spec"]["model_name"].startswith("evil\x1b")
