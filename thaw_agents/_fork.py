@@ -336,6 +336,9 @@ def fork(engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None) -> Fo
         >>> trunk = fork(llm, [{"role": "system", "content": diff}])     # doctest: +SKIP
         >>> child = trunk.fork(llm, " and the reviewer said")            # doctest: +SKIP
     """
+    remote_fork = getattr(engine, "_thaw_remote_fork", None)
+    if remote_fork is not None:  # a front whose engine is on a server (ChatThaw(base_url=...))
+        return remote_fork(prefix, parent=parent)
     adapter = adapter_for(engine)
     spec = adapter.kv_spec()
     store = adapter.store()
