@@ -50,6 +50,7 @@ class _Load:
     start_block: int = 0
     num_blocks: int = 0
     job_block_ids: tuple[int, ...] = ()
+    emitted: bool = False  # the load job went to the worker
     recomputed_tokens: int = 0
     error: str | None = None
 
@@ -122,6 +123,11 @@ class ThawScheduler:
                 self._refuse(request, "load", params.snapshot_id, exc)
                 return 0, False
             self._loads[request.request_id] = state
+        if state.emitted:
+            # Scheduled again after a preemption: this half only loads into a request's first
+            # allocation, so whatever the prefix cache no longer holds is recomputed, never
+            # counted as loaded without a load.
+            return 0, False
         # vLLM must compute at least the last prompt token itself.
         limit_blocks = (request.num_prompt_tokens - 1) // self.block_size
         matched_tokens = min(state.matched_blocks, limit_blocks) * self.block_size
@@ -231,9 +237,10 @@ class ThawScheduler:
         for new_req in scheduler_output.scheduled_new_reqs:
             block_ids = list(new_req.block_ids[0]) if new_req.block_ids else []
             state = self._loads.get(new_req.req_id)
-            if state is not None and state.num_blocks and not state.job_block_ids:
+            if state is not None and state.num_blocks and not state.emitted:
                 targets = block_ids[state.start_block : state.start_block + state.num_blocks]
                 state.job_block_ids = tuple(targets)
+                state.emitted = True
                 meta.loads.append(
                     LoadJob(
                         req_id=new_req.req_id,
