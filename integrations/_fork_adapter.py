@@ -16,7 +16,7 @@ from ._messages import to_chat_dicts
 if TYPE_CHECKING:
     from .langchain import ChatThaw
 
-__all__ = ["ChatThawAdapter"]
+__all__ = ["ChatThawAdapter", "RemoteAdapter"]
 
 
 class ChatThawAdapter:
@@ -85,3 +85,33 @@ class ChatThawAdapter:
             return cached, report
 
         return _runtime.runtime.run(run())
+
+
+class RemoteAdapter:
+    """The engine adapter of a ``ChatThaw(base_url=...)``: its engine is on the server.
+
+    ``thaw_agents.fork`` does not use it (it calls the ChatThaw's ``_thaw_remote_fork``, which
+    snapshots on the server and fetches the file); :meth:`ForkHandle.fork` uses it to tokenize an
+    extension with the served tokenizer. Hydrating a served engine from here is not possible: a
+    local snapshot reaches the server by id (``fork=handle`` uploads it when the server lacks it).
+    """
+
+    def __init__(self, chat: ChatThaw) -> None:
+        self._chat = chat
+
+    def describe(self) -> dict[str, Any]:
+        raise thaw_agents.ConfigError(
+            f"the engine of this ChatThaw is on the server {self._chat.base_url}: snapshot there with "
+            "thaw_agents.fork(chat, prefix) and start calls from it with fork=handle or its id "
+            "(a local handle the server lacks is uploaded); hydrate() and with_fork() need a local engine"
+        )
+
+    def prefix_token_ids(self, prefix: Any) -> list[int]:
+        if isinstance(prefix, str):
+            return self._chat.get_token_ids(prefix)
+        if isinstance(prefix, Sequence) and all(type(t) is int for t in prefix):
+            return list(prefix)
+        raise thaw_agents.ConfigError("a served engine's fork extends a handle by a string or token ids")
+
+    def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> Any:
+        return self.describe()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages.tool import InvalidToolCall, ToolCall
 
-__all__ = ["forced_call_schema", "parse_forced_call", "parse_tool_calls"]
+__all__ = ["forced_call_schema", "parse_forced_call", "parse_hermes_calls", "parse_tool_calls"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,25 +78,51 @@ def parse_tool_calls(
     info = parser.extract_tool_calls(text, request)
     if not info.tools_called:
         return text, [], []
+    calls, invalid = _to_calls((c.function.name, c.function.arguments, c.id) for c in info.tool_calls)
+    return info.content or "", calls, invalid
+
+
+# vLLM's hermes parser's pattern: a call between tags, or an unterminated last one.
+_HERMES = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+
+
+def parse_hermes_calls(text: str) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+    """Split free text into content and tool calls in the Hermes convention, without vLLM.
+
+    The same reading as vLLM's ``hermes`` tool parser (used by ChatThaw against a server,
+    where vLLM need not be installed): text before the first ``<tool_call>`` is the content;
+    if any call is not JSON with a name, nothing is a call and the whole text is content.
+
+    Example:
+        >>> parse_hermes_calls('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>')[1][0]["args"]
+        {'a': 1}
+    """
+    if "<tool_call>" not in text:
+        return text, [], []
+    try:
+        raw = [json.loads(a or b) for a, b in _HERMES.findall(text)]
+        found = [(c["name"], json.dumps(c["arguments"], ensure_ascii=False), None) for c in raw]
+    except (ValueError, KeyError, TypeError):
+        return text, [], []
+    calls, invalid = _to_calls(found)
+    return text[: text.find("<tool_call>")], calls, invalid
+
+
+def _to_calls(found: Any) -> tuple[list[ToolCall], list[InvalidToolCall]]:
+    """(name, JSON arguments, id or None) triples as LangChain tool calls; non-objects are invalid."""
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
-    for call in info.tool_calls:
-        raw = call.function.arguments or "{}"
+    for name, arguments, call_id in found:
+        raw = arguments or "{}"
         try:
             args = json.loads(raw)
             if not isinstance(args, dict):
                 raise ValueError("arguments are not a JSON object")
-            calls.append(
-                ToolCall(name=call.function.name, args=args, id=call.id or _call_id(), type="tool_call")
-            )
+            calls.append(ToolCall(name=name, args=args, id=call_id or _call_id(), type="tool_call"))
         except ValueError as exc:
             invalid.append(
                 InvalidToolCall(
-                    name=call.function.name,
-                    args=raw,
-                    id=call.id or _call_id(),
-                    error=str(exc),
-                    type="invalid_tool_call",
+                    name=name, args=raw, id=call_id or _call_id(), error=str(exc), type="invalid_tool_call"
                 )
             )
-    return info.content or "", calls, invalid
+    return calls, invalid

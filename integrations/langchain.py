@@ -13,18 +13,19 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import tool_call_chunk
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
+from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 import thaw_agents
 
 from . import _runtime
 from ._messages import to_chat_dicts, with_tools
+from ._output import aggregate, last_chunk, usage
+from ._remote import RemoteChat, normalise_base_url
 from ._request import (
     SAMPLING_FIELDS,
     is_validation_error,
@@ -34,7 +35,7 @@ from ._request import (
     sampling_params,
 )
 from ._structured import structured_output_runnable
-from ._tools import forced_call_schema, parse_forced_call, parse_tool_calls
+from ._tools import forced_call_schema, parse_tool_calls
 
 __all__ = ["ChatThaw"]
 
@@ -149,11 +150,46 @@ class ChatThaw(BaseChatModel):
     """vLLM tool parser used to read tool calls from free text (default ``"hermes"``)."""
     fork: str | None = None
     """Default snapshot id whose prefix calls start from (usually passed per call instead)."""
+    base_url: str | None = None
+    """A ``thaw-agents serve`` (``http://host:8000``, ``/v1`` optional): the engine runs there, not here."""
+    api_key: SecretStr | None = Field(default_factory=secret_from_env("THAW_AGENTS_API_KEY", default=None))
+    """The server's API key (``thaw-agents serve --api-key``); default ``THAW_AGENTS_API_KEY``."""
 
     _engine_key: str | None = PrivateAttr(default=None)
     _acquired: bool = PrivateAttr(default=False)
     _closed: bool = PrivateAttr(default=False)
     _args_cache: tuple[str, dict[str, Any]] | None = PrivateAttr(default=None)
+    _remote: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_remote(self) -> ChatThaw:
+        if self.base_url is not None:
+            if self.engine_kwargs:
+                raise thaw_agents.ConfigError(
+                    "engine_kwargs configure an engine in this process; a served engine takes them as "
+                    "`thaw-agents serve` options. Drop engine_kwargs or base_url."
+                )
+            if self.tool_parser != "hermes":
+                raise thaw_agents.ConfigError(
+                    "against a server, tool calls are read in the Hermes convention only; "
+                    "leave tool_parser at 'hermes'"
+                )
+            normalise_base_url(self.base_url)  # a bad URL fails now, not on the first call
+        return self
+
+    def _remote_chat(self) -> RemoteChat:
+        """The HTTP side (``base_url`` given); created on first use."""
+        if self._closed:
+            raise thaw_agents.EngineError("this ChatThaw was closed; create a new one")
+        if self._remote is None:
+            key = self.api_key.get_secret_value() if self.api_key is not None else None
+            self._remote = RemoteChat(str(self.base_url), key, self.model, self.timeout, self.max_retries)
+        return self._remote
+
+    @property
+    def _thaw_remote_fork(self) -> Callable[..., thaw_agents.ForkHandle] | None:
+        """``thaw_agents.fork``'s hook: a served engine snapshots on its server (None: in-process)."""
+        return None if self.base_url is None else self._remote_chat().fork
 
     # -- LangChain plumbing ---------------------------------------------------------------
     @property
@@ -162,6 +198,8 @@ class ChatThaw(BaseChatModel):
 
     @property
     def model_name(self) -> str:
+        if self.model is None and self.base_url is not None:
+            return self._remote_chat().model
         return self.model or thaw_agents.models.DEFAULT_MODEL_NAME
 
     @property
@@ -230,6 +268,8 @@ class ChatThaw(BaseChatModel):
         if self._closed:
             return
         self._closed = True
+        if self._remote is not None:
+            self._remote.close()
         if self._acquired and self._engine_key is not None:
             future = _runtime._engines.get(self._engine_key)
             if future is not None and future.done() and not future.exception():
@@ -333,46 +373,30 @@ class ChatThaw(BaseChatModel):
             raise
         if finish_reason == "error":
             raise thaw_agents.EngineError("the engine failed this request (finish_reason='error')")
-        usage = UsageMetadata(
-            input_tokens=len(prompt_ids),
-            output_tokens=num_output,
-            total_tokens=len(prompt_ids) + num_output,
-            input_token_details={"cache_read": cached},
-        )
         metadata = {
             "model_name": self.model_name,
             "finish_reason": finish_reason,
             "model_provider": "thaw",
             "fork": fork.id if fork is not None else None,
         }
-        content = ""
-        chunks = []
-        if buffer_output:
-            text = "".join(text_parts)
-            if forced is not None:
-                calls, invalid = parse_forced_call(text)
-            else:
-                content, calls, invalid = parse_tool_calls(
-                    text, tools, handle.engine.get_tokenizer(), self.tool_parser
-                )
-            chunks = [
-                tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
-                for i, c in enumerate(calls)
-            ]
-            if invalid:
-                # Never let a truncated or malformed call be "repaired" into arguments by
-                # LangChain's lenient chunk parser: report it as invalid, with the raw text.
-                metadata["invalid_tool_calls"] = [dict(c) for c in invalid]
-        message = AIMessageChunk(
-            content=content,
-            usage_metadata=usage,
-            response_metadata=metadata,
-            tool_call_chunks=chunks,
-            chunk_position="last",
+
+        def read_calls(text: str) -> tuple[str, list[Any], list[Any]]:
+            return parse_tool_calls(text, tools, handle.engine.get_tokenizer(), self.tool_parser)
+
+        yield last_chunk(
+            "".join(text_parts),
+            buffered=buffer_output,
+            forced=forced is not None,
+            read_calls=read_calls,
+            usage_metadata=usage(len(prompt_ids), num_output, cached),
+            metadata=metadata,
         )
-        if buffer_output and invalid:
-            message.invalid_tool_calls = list(message.invalid_tool_calls) + list(invalid)
-        yield ChatGenerationChunk(message=message, generation_info={"finish_reason": finish_reason})
+
+    def _turn(
+        self, remote: RemoteChat, messages: list[BaseMessage], stop: Any, kwargs: dict[str, Any]
+    ) -> Any:
+        stop = stop if stop is not None else kwargs.get("stop", self.stop)
+        return remote.turn(messages, self._default_sampling(), stop, {"fork": self.fork, **kwargs})
 
     def _stream(
         self,
@@ -381,7 +405,12 @@ class ChatThaw(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        for chunk in _runtime.runtime.iterate(lambda: self._chunks(messages, stop, **kwargs)):
+        if self.base_url is not None:
+            remote = self._remote_chat()
+            chunks: Iterator[ChatGenerationChunk] = remote.stream(self._turn(remote, messages, stop, kwargs))
+        else:
+            chunks = _runtime.runtime.iterate(lambda: self._chunks(messages, stop, **kwargs))
+        for chunk in chunks:
             if run_manager and chunk.text:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -393,7 +422,14 @@ class ChatThaw(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        async for chunk in _runtime.runtime.aiterate(lambda: self._chunks(messages, stop, **kwargs)):
+        if self.base_url is not None:
+            remote = self._remote_chat()
+            chunks: AsyncIterator[ChatGenerationChunk] = remote.astream(
+                self._turn(remote, messages, stop, kwargs)
+            )
+        else:
+            chunks = _runtime.runtime.aiterate(lambda: self._chunks(messages, stop, **kwargs))
+        async for chunk in chunks:
             if run_manager and chunk.text:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -405,7 +441,7 @@ class ChatThaw(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return _aggregate(self._stream(messages, stop, run_manager, **kwargs))
+        return aggregate(self._stream(messages, stop, run_manager, **kwargs))
 
     async def _agenerate(
         self,
@@ -415,7 +451,7 @@ class ChatThaw(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         chunks = [c async for c in self._astream(messages, stop, run_manager, **kwargs)]
-        return _aggregate(iter(chunks))
+        return aggregate(iter(chunks))
 
     # -- tools and structured output ------------------------------------------------------
     def bind_tools(
@@ -446,33 +482,13 @@ class ChatThaw(BaseChatModel):
 
     # -- tokens ---------------------------------------------------------------------------
     def get_token_ids(self, text: str) -> list[int]:
-        """Token ids from the model's own tokenizer (never a download)."""
+        """Token ids from the model's own tokenizer (never a download; a server's ``/tokenize``)."""
+        if self.base_url is not None:
+            return self._remote_chat().token_ids(text)
         return list(local_tokenizer(self._engine_args()["model"]).encode(text))
 
     # -- forks ----------------------------------------------------------------------------
     def _thaw_adapter(self) -> Any:
-        from ._fork_adapter import ChatThawAdapter
+        from ._fork_adapter import ChatThawAdapter, RemoteAdapter
 
-        return ChatThawAdapter(self)
-
-
-def _aggregate(chunks: Iterator[ChatGenerationChunk]) -> ChatResult:
-    final: ChatGenerationChunk | None = None
-    for chunk in chunks:
-        final = chunk if final is None else final + chunk
-    if final is None:
-        raise thaw_agents.EngineError("the engine returned no output")
-    message = final.message
-    metadata = dict(message.response_metadata)
-    # Invalid calls travel in metadata through chunk merges (see _chunks); restore them here.
-    invalid = metadata.pop("invalid_tool_calls", None) or list(message.invalid_tool_calls)
-    ai = AIMessage(
-        content=message.content,
-        additional_kwargs=message.additional_kwargs,
-        response_metadata=metadata,
-        usage_metadata=message.usage_metadata,
-        tool_calls=message.tool_calls,
-        invalid_tool_calls=invalid,
-        id=message.id,
-    )
-    return ChatResult(generations=[ChatGeneration(message=ai, generation_info=final.generation_info)])
+        return ChatThawAdapter(self) if self.base_url is None else RemoteAdapter(self)
