@@ -46,10 +46,22 @@ class CudaBlockLoader:
     """
 
     def __init__(
-        self, device: int, *, chunk_nbytes: int = 32 << 20, slots: int = 8, threads: int = 8
+        self,
+        device: int,
+        *,
+        chunk_nbytes: int | None = None,
+        slots: int | None = None,
+        threads: int | None = None,
     ) -> None:
         import torch
 
+        # Defaults, overridable for tuning: THAW_AGENTS_KV_CHUNK_MIB, _KV_SLOTS, _KV_READERS.
+        if chunk_nbytes is None:
+            chunk_nbytes = int(os.environ.get("THAW_AGENTS_KV_CHUNK_MIB", "32")) << 20
+        if slots is None:
+            slots = int(os.environ.get("THAW_AGENTS_KV_SLOTS", "8"))
+        if threads is None:
+            threads = int(os.environ.get("THAW_AGENTS_KV_READERS", "8"))
         self.device = device
         self.chunk_nbytes = chunk_nbytes
         self.slots = slots

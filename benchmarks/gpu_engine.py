@@ -460,6 +460,13 @@ def make_safetensors(src_model: str, dest: Path, shards: int = 4) -> dict:
 def role_weights_engine(args: argparse.Namespace, io: Path) -> dict:
     """One fresh engine from safetensors or from a thaw file: start to first token, greedy output."""
     spec = json.loads(io.read_text())
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    thaw_log = logging.getLogger("thaw_agents")
+    thaw_log.addHandler(handler)
+    thaw_log.setLevel(logging.INFO)  # the loader's "restored ... GB/s, route" line
     import thaw_agents.weights_vllm as wv
 
     wv.register()  # the entry point registers it too where the package is installed

@@ -80,7 +80,22 @@ export -f install smoke
 step install bash -c install || exit 1
 [ -e "$STATE/done.install" ] || exit 1
 step smoke bash -c smoke
-step kvio "${PYTEST[@]}" tests/gpu/test_gpu_kvio.py tests/unit/test_accel_gpu.py tests/unit/test_blake3_kernel.py
+step kvio "${PYTEST[@]}" tests/gpu/test_gpu_kvio.py tests/gpu/test_gpu_weights.py tests/unit/test_accel_gpu.py \
+  tests/unit/test_blake3_kernel.py
+step kvio_sweep python3 benchmarks/gpu_kvio.py --out "$STATE/results/gpu_kvio-nvidia-h200.json" \
+  --env-out "$STATE/kv-env.sh"
+# shellcheck disable=SC1091
+[ -e "$STATE/kv-env.sh" ] && source "$STATE/kv-env.sh" && cat "$STATE/kv-env.sh"
+if [ -n "${THAW_RUN_FIRST:-}" ]; then  # what to run first in a follow-up session
+  for s in $THAW_RUN_FIRST; do
+    case $s in
+      test_weights) step test_weights "${PYTEST[@]}" "tests/gpu/test_gpu_engine.py::test_weights_freeze_and_thaw_restore" ;;
+      bench_weights) step bench_weights "${BENCH[@]}" --eager --phases weights --weights-dir /var/tmp/thaw-bench-w8b --keep-weights ;;
+      bench_hydrate) step bench_hydrate "${BENCH[@]}" --load-format dummy --phases hydrate rounds ;;
+    esac
+  done
+  [ -n "${THAW_RUN_ONLY:-}" ] && { echo "== finished $(date +%T), $(($(date +%s) - T0))s"; exit 0; }
+fi
 step test_hydrate "${PYTEST[@]}" "tests/gpu/test_gpu_engine.py::test_fork_hydrate_and_branches"
 step bench_hydrate "${BENCH[@]}" --load-format dummy --phases hydrate rounds
 step test_chat "${PYTEST[@]}" "tests/gpu/test_gpu_engine.py::test_chat_thaw_concurrent"
