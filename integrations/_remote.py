@@ -272,8 +272,9 @@ class RemoteChat:
         call: dict[str, Any] = {k: values[k] for k in _OPENAI_FIELDS if k in values}
         extra = {k: values[k] for k in SAMPLING_FIELDS if k in values and k not in _OPENAI_FIELDS}
         if structured is not None:
-            # Compact JSON, as in-process: a small model spends no tokens on whitespace.
-            extra["structured_outputs"] = {"disable_any_whitespace": True, **structured}
+            # Whitespace inside guided JSON follows the server's --structured-outputs-config
+            # (vLLM reads disable_any_whitespace engine-wide only).
+            extra["structured_outputs"] = structured
         fork = kwargs.get("fork")
         fork_id = fork if isinstance(fork, str) or fork is None else getattr(fork, "id", None)
         if fork is not None and not is_snapshot_id(fork_id):

@@ -18,7 +18,7 @@ from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 import thaw_agents
 
@@ -161,8 +161,11 @@ class ChatThaw(BaseChatModel):
     _args_cache: tuple[str, dict[str, Any]] | None = PrivateAttr(default=None)
     _remote: Any = PrivateAttr(default=None)
 
-    @model_validator(mode="after")
-    def _check_remote(self) -> ChatThaw:
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._check_remote()  # after pydantic, so the error stays a thaw_agents.ConfigError
+
+    def _check_remote(self) -> None:
         if self.base_url is not None:
             if self.engine_kwargs:
                 raise thaw_agents.ConfigError(
@@ -175,7 +178,6 @@ class ChatThaw(BaseChatModel):
                     "leave tool_parser at 'hermes'"
                 )
             normalise_base_url(self.base_url)  # a bad URL fails now, not on the first call
-        return self
 
     def _remote_chat(self) -> RemoteChat:
         """The HTTP side (``base_url`` given); created on first use."""

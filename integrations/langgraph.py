@@ -55,6 +55,7 @@ from langgraph.types import Send
 
 import thaw_agents
 
+from ._remote import RemoteSnapshot
 from .langchain import ChatThaw
 
 __all__ = ["ChatThaw", "fork_fanout", "fork_fanout_sync", "fork_sends", "trunk_of"]
@@ -81,9 +82,17 @@ def _as_branch(suffix: str | MessagesLike) -> list[BaseMessage]:
     return list(convert_to_messages(suffix))
 
 
-def _snapshot(llm: ChatThaw, prefix: list[BaseMessage]) -> thaw_agents.ForkHandle | None:
-    """Fork the trunk, or None (and a warning) when it cannot be snapshotted here."""
+def _snapshot(llm: ChatThaw, prefix: list[BaseMessage]) -> thaw_agents.ForkHandle | RemoteSnapshot | None:
+    """Fork the trunk, or None (and a warning) when it cannot be snapshotted here.
+
+    Against a server (``ChatThaw(base_url=...)``) the trunk is snapshotted there and only its id
+    comes back: the branches run on that server and name it, so downloading the file (what
+    ``thaw_agents.fork`` does, to give a handle that can be saved or hydrated elsewhere) would
+    cost a transfer of the whole KV per round for nothing.
+    """
     try:
+        if llm.base_url is not None:
+            return llm._remote_chat().snapshot(prefix)
         return thaw_agents.fork(llm, prefix)
     except thaw_agents.ThawError as exc:
         logger.warning("fork_fanout: the trunk could not be snapshotted (%s); branches prefill", exc)
@@ -112,7 +121,9 @@ async def fork_fanout(
         suffixes: per branch, a human message text or a list of messages appended to the trunk.
         pool: a started :class:`thaw_agents.ForkPool` (same model and KV layout): the branches
             run on its warm workers, which load the trunk from the snapshot. Without one, or for
-            calls with tools or structured output, they run in ``llm``'s own engine.
+            calls with tools or structured output, they run in ``llm``'s own engine. Not with a
+            ChatThaw against a server (``base_url``): its branches run on that server, which
+            batches them, each starting from the trunk's snapshot by id.
         **params: per-call sampling parameters for every branch (``max_tokens``, ``temperature``...).
 
     Example:
@@ -120,6 +131,11 @@ async def fork_fanout(
     """
     prefix = list(convert_to_messages(prefix_messages))
     branches = [_as_branch(s) for s in suffixes]
+    if pool is not None and llm.base_url is not None:
+        raise thaw_agents.ConfigError(
+            "a ForkPool runs branches in local workers; a ChatThaw with base_url runs them on its "
+            "server. Drop pool= (or use an in-process ChatThaw)."
+        )
     start = time.perf_counter()
     handle = await asyncio.to_thread(_snapshot, llm, prefix)
     fork_s = time.perf_counter() - start
@@ -127,8 +143,10 @@ async def fork_fanout(
         pooled = await _on_pool(llm, pool, handle, prefix, branches, params, fork_s)
         if pooled is not None:
             return pooled
-    placement = "engine"
+    placement = "engine" if llm.base_url is None else "server"
     reason = "the branches fit in the trunk's own engine; its prefix cache and the snapshot serve the trunk"
+    if llm.base_url is not None:
+        reason = f"the trunk's engine is the server {llm.base_url}; its snapshot serves the trunk by id"
     if pool is not None:
         reason = "a pool is attached, but these calls need the parent engine (tools, structured output)"
     logger.debug("fork_fanout: %d branches on %s (%s)", len(branches), placement, reason)
@@ -258,6 +276,8 @@ def fork_sends(
     ChatThaw call (``llm.invoke(messages, fork=state["fork"])``), whose prompt starts with the
     same trunk. The id is a plain string, so checkpointers serialise it; if the snapshot is
     gone when a branch runs (a resume on another machine), the branch prefills with a warning.
+    With ``ChatThaw(base_url=...)`` the trunk is snapshotted on the server (one HTTP request)
+    and the branches carry its id; no file comes to this machine.
 
     Example:
         >>> def route(state):                                                    # doctest: +SKIP
