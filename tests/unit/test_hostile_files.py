@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import time
 import tracemalloc
 from collections import Counter
@@ -70,16 +69,20 @@ def _alarm(signum: int, frame: Any) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _watch() -> Iterator[None]:
-    """Deadline per call (SIGALRM) and memory accounting (tracemalloc) for the whole module."""
+def _watch(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Deadline per call (SIGALRM) and memory accounting (tracemalloc) for the whole module;
+    the outcome counts are printed at the end (pytest's terminal, past output capture)."""
     previous = signal.signal(signal.SIGALRM, _alarm)
     tracemalloc.start()
+    start = time.monotonic()
     yield
     tracemalloc.stop()
     signal.signal(signal.SIGALRM, previous)
-    if TALLY:
-        lines = [f"  {k}: {v}" for k, v in sorted(TALLY.items())]
-        sys.__stderr__.write("\nhostile files, outcomes per reader call:\n" + "\n".join(lines) + "\n")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if TALLY and reporter is not None:
+        reporter.write_line(f"\nhostile files ({time.monotonic() - start:.0f} s), outcomes per reader call:")
+        for key, value in sorted(TALLY.items()):
+            reporter.write_line(f"  {key}: {value}")
 
 
 def _call(name: str, fn: Callable[[], Any], deadline_s: float = DEADLINE_S) -> tuple[bool, Any]:
