@@ -306,7 +306,8 @@ def test_verified_landing_restore_hashes_on_the_gpu(tmp_path, monkeypatch) -> No
     freeze_tensors(path, tensors, model_name="m", model_fingerprint="f")
     targets = {k: torch.zeros_like(v) for k, v in tensors.items()}
     stats = restore_tensors(path, targets, source="buffered")
-    assert stats.route == "buffered+landing+gpu-verified"
+    # The page-cache route reads through a ring of pinned chunks into the landing buffer.
+    assert stats.route == "buffered+ring+landing+gpu-verified"
     assert all(torch.equal(tensors[k], targets[k]) for k in tensors)
     from thaw_agents.weights import read_weights_manifest
 
