@@ -209,9 +209,8 @@ class ForkHandle:
             path, downloaded = _materialise(current, store)
             try:
                 manifest = read_kv_manifest(path)
-                if verify or downloaded:
-                    verify_regions(manifest.container)
-                manifests.append(read_in_store(import_snapshot(manifest, store), manifest.snapshot_id))
+                imported = import_snapshot(manifest, store, verify=verify or downloaded)
+                manifests.append(read_in_store(imported, manifest.snapshot_id))
             finally:
                 if downloaded:
                     path.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from ._errors import (
     ConfigError,
     DependencyError,
+    SnapshotError,
     SnapshotFormatError,
     SnapshotNotFoundError,
     write_failed,
@@ -294,12 +295,12 @@ def check_links(chain: list[KVManifest]) -> None:
         raise SnapshotFormatError("the chain does not start at a root snapshot", path=chain[0].path)
 
 
-def import_snapshot(manifest: KVManifest, store: Path) -> Path:
-    """Bring a validated, checksum-verified snapshot file into ``store`` under its id.
+def import_snapshot(manifest: KVManifest, store: Path, *, verify: bool = True) -> Path:
+    """Bring a validated snapshot file into ``store`` under its id; returns its path there.
 
     A hard link when the file is already private to this user on the same file system (no
-    copy, and nobody else can change it), else a copy whose checksums are verified again in
-    the store (the source may change while we copy). Returns the path in the store.
+    copy, and nobody else can change it), else a copy. Checksums are verified once: on the
+    linked file when ``verify``, and always on a copy (the source may change while we copy).
     """
     from ._container import verify_regions
     from ._manifest import read_kv_manifest
@@ -308,6 +309,8 @@ def import_snapshot(manifest: KVManifest, store: Path) -> Path:
     src = Path(manifest.path)
     try:
         if src.resolve() == dest.resolve():
+            if verify:
+                verify_regions(manifest.container)
             return dest
         st = src.stat()
     except OSError as exc:
@@ -323,15 +326,20 @@ def import_snapshot(manifest: KVManifest, store: Path) -> Path:
                 pass  # another file system, or links not allowed: copy
         if not linked:
             _copy_file(src, tmp)
-            copied = read_kv_manifest(tmp, expect_id=manifest.snapshot_id, follow_symlinks=False)
-            verify_regions(copied.container)
+        if verify or not linked:
+            try:
+                copied = read_kv_manifest(tmp, expect_id=manifest.snapshot_id, follow_symlinks=False)
+                verify_regions(copied.container)
+            except SnapshotError as exc:  # name the user's file, not our temporary copy
+                exc.args = tuple(str(a).replace(str(tmp), str(src)) for a in exc.args)
+                exc.path = str(src)
+                raise
         os.replace(tmp, dest)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            raise write_failed(
-                dest, exc, manifest.container.payload_offset + manifest.container.payload_nbytes
-            ) from exc
+            nbytes = manifest.container.payload_offset + manifest.container.payload_nbytes
+            raise write_failed(dest, exc, nbytes) from exc
         raise
     return dest
 

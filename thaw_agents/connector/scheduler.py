@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._compat import uncount_external_tokens
 from .._errors import SnapshotMismatchError, ThawError
 from .._kvspec import KVSpec
 from .._manifest import KVManifest
@@ -181,12 +182,7 @@ class ThawScheduler:
             recomputed = (len(state.job_block_ids) - bad[0]) * self.block_size
             state.recomputed_tokens += recomputed
             state.job_block_ids = ()
-            stats = getattr(state.request, "prefill_stats", None)
-            if stats is not None:
-                recomputed = min(recomputed, stats.num_external_cached_tokens)
-                stats.num_external_cached_tokens -= recomputed
-                stats.num_cached_tokens -= recomputed
-                stats.num_computed_tokens += recomputed
+            uncount_external_tokens(state.request, recomputed)
             logger.warning(
                 "thaw: request %s: %d tokens of snapshot %s failed to load and were recomputed",
                 state.request.request_id,
