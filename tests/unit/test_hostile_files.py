@@ -74,18 +74,19 @@ def _alarm(signum: int, frame: Any) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _watch(request: pytest.FixtureRequest) -> Iterator[None]:
     """Deadline per call (SIGALRM) and memory accounting (tracemalloc) for the whole module;
-    the outcome counts are printed at the end (pytest's terminal, past output capture)."""
+    the outcome counts are printed at the end (past pytest's output capture)."""
     previous = signal.signal(signal.SIGALRM, _alarm)
     tracemalloc.start()
     start = time.monotonic()
     yield
     tracemalloc.stop()
     signal.signal(signal.SIGALRM, previous)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if TALLY and reporter is not None:
-        reporter.write_line(f"\nhostile files ({time.monotonic() - start:.0f} s), outcomes per reader call:")
-        for key, value in sorted(TALLY.items()):
-            reporter.write_line(f"  {key}: {value}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if TALLY and capture is not None:
+        with capture.global_and_fixture_disabled():
+            print(f"\nhostile files ({time.monotonic() - start:.0f} s), outcomes per reader call:")
+            for key, value in sorted(TALLY.items()):
+                print(f"  {key}: {value}")
 
 
 def _call(name: str, fn: Callable[[], Any], deadline_s: float = DEADLINE_S) -> tuple[bool, Any]:
