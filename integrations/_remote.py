@@ -242,9 +242,12 @@ class RemoteChat:
         """The model name requests carry: ChatThaw's ``model``, else the server's first served model."""
         if self._model is None:
             try:
-                self._model = self._http.root_client.models.list().data[0].id
-            except (openai.APIError, IndexError) as exc:
+                served = self._http.root_client.models.list().data
+            except openai.APIError as exc:
                 raise _typed(exc, self.base_url) from exc
+            if not served:
+                raise thaw_agents.ConfigError(f"the server at {self.base_url} serves no model")
+            self._model = served[0].id
         return self._model
 
     def token_ids(self, text: str) -> list[int]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.model_profile import ModelProfile
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
@@ -23,19 +22,15 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 import thaw_agents
 
 from . import _runtime
-from ._messages import to_chat_dicts, with_tools
-from ._output import aggregate, last_chunk, usage
+from ._local import engine_chunks
+from ._output import aggregate
 from ._remote import RemoteChat, normalise_base_url
 from ._request import (
     SAMPLING_FIELDS,
-    is_validation_error,
     local_tokenizer,
-    prompt_token_ids,
-    resolve_fork,
-    sampling_params,
 )
 from ._structured import structured_output_runnable
-from ._tools import forced_call_schema, parse_tool_calls
+from ._tools import forced_call_schema
 
 __all__ = ["ChatThaw"]
 
@@ -116,6 +111,26 @@ class ChatThaw(BaseChatModel):
 
             msg = llm.invoke("Hi")
             msg.usage_metadata   # input/output/total tokens; input_token_details.cache_read
+
+    Against a server (``thaw-agents serve``):
+        .. code-block:: python
+
+            llm = ChatThaw(base_url="http://127.0.0.1:8000", api_key=KEY, temperature=0)
+            handle = thaw_agents.fork(llm, trunk_messages)   # snapshot there, file fetched here
+            llm.invoke(trunk_messages + [("human", "Q1")], fork=handle.id)
+
+        Everything above works the same; ``langchain-openai``'s ``ChatOpenAI`` does the HTTP and
+        the fork travels as ``extra_body={"kv_transfer_params": {"thaw": {"snapshot_id": id}}}``.
+        What differs: the model is the server's (``model=None`` asks it); ``engine_kwargs`` are
+        ``thaw-agents serve`` options instead (a ConfigError here); the messages are rendered by
+        the served chat template from the same chat dicts as in-process, tools included (they
+        are described in the system message; the request carries no ``tools`` field, so a
+        template's own tool format is not used), and free-text tool calls are read on the client
+        in the Hermes convention only (``tool_parser`` must stay ``"hermes"``); whitespace inside
+        guided JSON follows the server's ``--structured-outputs-config``; ``timeout`` and
+        ``max_retries`` go to the OpenAI client. A fork id the server lacks (404) prefills with
+        a warning; a local ForkHandle it lacks is uploaded first. ``ForkHandle.hydrate`` and
+        ``fork_fanout(pool=...)`` need a local engine.
     """
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
@@ -194,6 +209,10 @@ class ChatThaw(BaseChatModel):
         return None if self.base_url is None else self._remote_chat().fork
 
     # -- LangChain plumbing ---------------------------------------------------------------
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {"api_key": "THAW_AGENTS_API_KEY"}
+
     @property
     def _llm_type(self) -> str:
         return "thaw-vllm"
@@ -295,104 +314,8 @@ class ChatThaw(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
     ) -> AsyncIterator[ChatGenerationChunk]:
         """Generate on the background loop; yields LangChain chunks, the last one marked."""
-        handle = await self._handle()
-        tools: list[dict[str, Any]] = kwargs.get("tools") or []
-        tool_choice = kwargs.get("tool_choice")
-        structured = kwargs.get("structured_outputs")
-        forced = forced_call_schema(tools, tool_choice) if tools and tool_choice != "none" else None
-        if forced is not None:
-            structured = {"json": forced}
-        chat = to_chat_dicts(messages)
-        if tools and tool_choice != "none":
-            chat = with_tools(chat, tools)
-        try:
-            prompt_ids = await prompt_token_ids(handle.engine, chat)
-        except Exception as exc:  # vLLM validates the context length while rendering
-            if not is_validation_error(exc):
-                raise
-            raise thaw_agents.ConfigError(f"the messages cannot be sent to the engine: {exc}") from exc
-        max_tokens = kwargs.get("max_tokens", self.max_tokens) or 0
-        if len(prompt_ids) + max(max_tokens, 1) > handle.max_model_len:
-            raise thaw_agents.ConfigError(
-                f"the prompt has {len(prompt_ids)} tokens and asks for {max_tokens} more, beyond the "
-                f"engine's context of {handle.max_model_len}; shorten the messages or lower max_tokens"
-            )
-        params = sampling_params(
-            self._default_sampling(),
-            stop if stop is not None else kwargs.get("stop", self.stop),
-            kwargs,
-            structured,
-        )
-        fork = resolve_fork(kwargs.get("fork", self.fork))
-        if fork is not None:
-            if tuple(prompt_ids[: fork.num_tokens]) == fork.token_ids:
-                params = thaw_agents.with_fork(params, fork)
-            else:
-                logger.warning("fork %s does not prefix this prompt; prefilling", fork.id)
-        from vllm import TokensPrompt
-
-        request_id = f"chatthaw-{uuid.uuid4().hex}"
-        buffer_output = bool(tools) and tool_choice != "none"
-        text_parts: list[str] = []
-        num_output = 0
-        cached = 0
-        finish_reason: str | None = None
-        timeout = kwargs.get("timeout", self.timeout)
-        loop = asyncio.get_running_loop()
-        deadline = None if not timeout else loop.time() + float(timeout)
-        stream = handle.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
-        try:
-            while True:
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
-                    raise asyncio.TimeoutError
-                try:
-                    output = await asyncio.wait_for(anext(stream), remaining)
-                except StopAsyncIteration:
-                    break
-                cached = int(output.num_cached_tokens or 0)
-                completion = output.outputs[0]
-                num_output += len(completion.token_ids)
-                if completion.finish_reason:
-                    finish_reason = completion.finish_reason
-                if completion.text:
-                    text_parts.append(completion.text)
-                    if not buffer_output:
-                        yield ChatGenerationChunk(message=AIMessageChunk(content=completion.text))
-        except asyncio.TimeoutError as exc:
-            await handle.engine.abort(request_id)
-            raise thaw_agents.EngineError(f"the request timed out after {timeout} s and was aborted") from exc
-        except (asyncio.CancelledError, GeneratorExit):
-            await handle.engine.abort(request_id)
-            raise
-        except thaw_agents.ThawError:
-            raise
-        except Exception as exc:
-            if type(exc).__name__ == "EngineDeadError":
-                raise thaw_agents.EngineError(f"the vLLM engine died: {exc}; create a new ChatThaw") from exc
-            if is_validation_error(exc):
-                raise thaw_agents.ConfigError(f"vLLM refused the request: {exc}") from exc
-            raise
-        if finish_reason == "error":
-            raise thaw_agents.EngineError("the engine failed this request (finish_reason='error')")
-        metadata = {
-            "model_name": self.model_name,
-            "finish_reason": finish_reason,
-            "model_provider": "thaw",
-            "fork": fork.id if fork is not None else None,
-        }
-
-        def read_calls(text: str) -> tuple[str, list[Any], list[Any]]:
-            return parse_tool_calls(text, tools, handle.engine.get_tokenizer(), self.tool_parser)
-
-        yield last_chunk(
-            "".join(text_parts),
-            buffered=buffer_output,
-            forced=forced is not None,
-            read_calls=read_calls,
-            usage_metadata=usage(len(prompt_ids), num_output, cached),
-            metadata=metadata,
-        )
+        async for chunk in engine_chunks(self, messages, stop, **kwargs):
+            yield chunk
 
     def _turn(
         self, remote: RemoteChat, messages: list[BaseMessage], stop: Any, kwargs: dict[str, Any]

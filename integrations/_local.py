@@ -1,0 +1,131 @@
+"""In-process ChatThaw: one call on the vLLM ``AsyncLLM`` that the background loop owns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGenerationChunk
+
+import thaw_agents
+
+from ._messages import to_chat_dicts, with_tools
+from ._output import last_chunk, usage
+from ._request import is_validation_error, prompt_token_ids, resolve_fork, sampling_params
+from ._tools import forced_call_schema, parse_tool_calls
+
+if TYPE_CHECKING:
+    from .langchain import ChatThaw
+
+__all__ = ["engine_chunks"]
+
+logger = logging.getLogger("thaw_agents.integrations.langchain")
+
+
+async def engine_chunks(
+    llm: ChatThaw, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
+) -> AsyncIterator[ChatGenerationChunk]:
+    """One in-process call on ChatThaw's engine (run on the background loop): LangChain chunks,
+    text as it comes unless tools are bound, the last one with calls, usage and metadata."""
+    handle = await llm._handle()
+    tools: list[dict[str, Any]] = kwargs.get("tools") or []
+    tool_choice = kwargs.get("tool_choice")
+    structured = kwargs.get("structured_outputs")
+    forced = forced_call_schema(tools, tool_choice) if tools and tool_choice != "none" else None
+    if forced is not None:
+        structured = {"json": forced}
+    chat = to_chat_dicts(messages)
+    if tools and tool_choice != "none":
+        chat = with_tools(chat, tools)
+    try:
+        prompt_ids = await prompt_token_ids(handle.engine, chat)
+    except Exception as exc:  # vLLM validates the context length while rendering
+        if not is_validation_error(exc):
+            raise
+        raise thaw_agents.ConfigError(f"the messages cannot be sent to the engine: {exc}") from exc
+    max_tokens = kwargs.get("max_tokens", llm.max_tokens) or 0
+    if len(prompt_ids) + max(max_tokens, 1) > handle.max_model_len:
+        raise thaw_agents.ConfigError(
+            f"the prompt has {len(prompt_ids)} tokens and asks for {max_tokens} more, beyond the "
+            f"engine's context of {handle.max_model_len}; shorten the messages or lower max_tokens"
+        )
+    params = sampling_params(
+        llm._default_sampling(),
+        stop if stop is not None else kwargs.get("stop", llm.stop),
+        kwargs,
+        structured,
+    )
+    fork = resolve_fork(kwargs.get("fork", llm.fork))
+    if fork is not None:
+        if tuple(prompt_ids[: fork.num_tokens]) == fork.token_ids:
+            params = thaw_agents.with_fork(params, fork)
+        else:
+            logger.warning("fork %s does not prefix this prompt; prefilling", fork.id)
+    from vllm import TokensPrompt
+
+    request_id = f"chatthaw-{uuid.uuid4().hex}"
+    buffer_output = bool(tools) and tool_choice != "none"
+    text_parts: list[str] = []
+    num_output = 0
+    cached = 0
+    finish_reason: str | None = None
+    timeout = kwargs.get("timeout", llm.timeout)
+    loop = asyncio.get_running_loop()
+    deadline = None if not timeout else loop.time() + float(timeout)
+    stream = handle.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
+    try:
+        while True:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise asyncio.TimeoutError
+            try:
+                output = await asyncio.wait_for(anext(stream), remaining)
+            except StopAsyncIteration:
+                break
+            cached = int(output.num_cached_tokens or 0)
+            completion = output.outputs[0]
+            num_output += len(completion.token_ids)
+            if completion.finish_reason:
+                finish_reason = completion.finish_reason
+            if completion.text:
+                text_parts.append(completion.text)
+                if not buffer_output:
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=completion.text))
+    except asyncio.TimeoutError as exc:
+        await handle.engine.abort(request_id)
+        raise thaw_agents.EngineError(f"the request timed out after {timeout} s and was aborted") from exc
+    except (asyncio.CancelledError, GeneratorExit):
+        await handle.engine.abort(request_id)
+        raise
+    except thaw_agents.ThawError:
+        raise
+    except Exception as exc:
+        if type(exc).__name__ == "EngineDeadError":
+            raise thaw_agents.EngineError(f"the vLLM engine died: {exc}; create a new ChatThaw") from exc
+        if is_validation_error(exc):
+            raise thaw_agents.ConfigError(f"vLLM refused the request: {exc}") from exc
+        raise
+    if finish_reason == "error":
+        raise thaw_agents.EngineError("the engine failed this request (finish_reason='error')")
+    metadata = {
+        "model_name": llm.model_name,
+        "finish_reason": finish_reason,
+        "model_provider": "thaw",
+        "fork": fork.id if fork is not None else None,
+    }
+
+    def read_calls(text: str) -> tuple[str, list[Any], list[Any]]:
+        return parse_tool_calls(text, tools, handle.engine.get_tokenizer(), llm.tool_parser)
+
+    yield last_chunk(
+        "".join(text_parts),
+        buffered=buffer_output,
+        forced=forced is not None,
+        read_calls=read_calls,
+        usage_metadata=usage(len(prompt_ids), num_output, cached),
+        metadata=metadata,
+    )
