@@ -308,7 +308,7 @@ def import_snapshot(manifest: KVManifest, store: Path, *, verify: bool = True) -
     dest = snapshot_path(store, manifest.snapshot_id)
     src = Path(manifest.path)
     try:
-        if src.resolve() == dest.resolve():
+        if os.path.realpath(src) == os.path.realpath(dest):
             if verify:
                 verify_regions(manifest.container)
             return dest
@@ -360,7 +360,9 @@ def is_local_uri(uri: str | os.PathLike[str]) -> bool:
 
 def local_path(uri: str | os.PathLike[str]) -> Path:
     text = os.fspath(uri)
-    return Path(text.removeprefix("file://")).expanduser().resolve()
+    # Absolute, not resolved: a symbolic-link loop must reach the reader, which refuses it with a
+    # typed error (Path.resolve raises an untyped RuntimeError on one).
+    return Path(os.path.abspath(os.path.expanduser(text.removeprefix("file://"))))
 
 
 # Local-disk failures of a download (a remote read error stays what fsspec raised).
@@ -379,7 +381,7 @@ def copy_to_uri(src: Path, uri: str) -> None:
     """Copy a local snapshot file to ``uri`` (local paths: atomic and owner-only)."""
     if is_local_uri(uri):
         dest = local_path(uri)
-        if dest == src.resolve():
+        if os.path.realpath(dest) == os.path.realpath(src):
             return
         try:
             make_private_dirs(dest.parent)
