@@ -181,6 +181,8 @@ def phase_continue(args: argparse.Namespace) -> dict[str, Any]:
     result["engine_start_s"] = time.perf_counter() - started
     _demo.warm_up(llm)
     result["turns"] = continue_session(llm, messages, args, handle)
+    if handle is not None:
+        handle.delete()  # load() brought the file into the store; the saved file at args.snapshot stays
     return result
 
 

@@ -17,9 +17,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 MAX_MODEL_LEN = 4096
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private snapshot store for the session (never the user's)."""
+    """A private snapshot store for the session (never the user's), chosen before any engine
+    starts: an engine's connector keeps the store it was built with."""
     path = tmp_path_factory.mktemp("store")
     os.environ["THAW_AGENTS_STORE"] = str(path)
     return path
