@@ -18,6 +18,7 @@ import os
 import stat
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -198,48 +199,54 @@ class ThawWorker:
         )
 
     def _read_verified(self, job: LoadJob, views: list[list[memoryview]]) -> set[int]:
-        """Read each block into its views (one open per file); the engine block ids that failed."""
-        bad: set[int] = set()
-        by_file: dict[str, list[int]] = defaultdict(list)
-        for i, src in enumerate(job.sources):
-            by_file[src.snapshot_id].append(i)
-        for snapshot, indices in by_file.items():
-            fd = _open_regular(snapshot_path(self.store, snapshot))
-            try:
-                complete, digests = read_blocks_into(
-                    fd,
-                    [job.sources[i].offset for i in indices],
-                    [views[i] for i in indices],
-                    hasher=blake3.blake3,
-                )
-            finally:
-                os.close(fd)
-            for i, ok, digest in zip(indices, complete, digests, strict=True):
-                if not ok or digest != job.sources[i].checksum:
-                    bad.add(job.block_ids[i])
-        return bad
+        """Read each block into its views (host rows); the engine block ids that failed."""
+        return self._verify_by_file(
+            job,
+            lambda fd, indices: read_blocks_into(
+                fd,
+                [job.sources[i].offset for i in indices],
+                [views[i] for i in indices],
+                hasher=blake3.blake3,
+            ),
+        )
 
     def _read_verified_cuda(self, job: LoadJob, row_nbytes: int) -> set[int]:
         """Read, scatter and check every block on the GPU; the engine block ids that failed."""
         assert self._cuda_loader is not None
+        loader = self._cuda_loader
+        return self._verify_by_file(
+            job,
+            lambda fd, indices: loader.load(
+                fd,
+                [job.sources[i].offset for i in indices],
+                row_nbytes,
+                self._layers,
+                [job.block_ids[i] for i in indices],
+                self._layout,
+            ),
+            row_nbytes=row_nbytes,
+        )
+
+    def _verify_by_file(
+        self,
+        job: LoadJob,
+        read: Callable[[int, list[int]], tuple[list[bool], list[str]]],
+        *,
+        row_nbytes: int | None = None,
+    ) -> set[int]:
+        """One open per file of the chain, ``read(fd, source indices)`` -> (complete, digests);
+        the engine block ids whose bytes were short or did not match their checksum."""
         bad: set[int] = set()
         by_file: dict[str, list[int]] = defaultdict(list)
         for i, src in enumerate(job.sources):
-            if src.nbytes != row_nbytes:
+            if row_nbytes is not None and src.nbytes != row_nbytes:
                 bad.add(job.block_ids[i])  # another block size than this engine's: never read
             else:
                 by_file[src.snapshot_id].append(i)
         for snapshot, indices in by_file.items():
             fd = _open_regular(snapshot_path(self.store, snapshot))
             try:
-                complete, digests = self._cuda_loader.load(
-                    fd,
-                    [job.sources[i].offset for i in indices],
-                    row_nbytes,
-                    self._layers,
-                    [job.block_ids[i] for i in indices],
-                    self._layout,
-                )
+                complete, digests = read(fd, indices)
             finally:
                 os.close(fd)
             for i, ok, digest in zip(indices, complete, digests, strict=True):
