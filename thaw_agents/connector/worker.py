@@ -230,7 +230,7 @@ class ThawWorker:
     def _verify_by_file(
         self,
         job: LoadJob,
-        read: Callable[[int, list[int]], tuple[list[bool], list[str]]],
+        read: Callable[[int, list[int]], tuple[list[bool], list[str | None]]],
         *,
         row_nbytes: int | None = None,
     ) -> set[int]:
