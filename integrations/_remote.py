@@ -232,7 +232,19 @@ class RemoteChat:
         loop = asyncio.get_running_loop()
         http = self._per_loop.get(loop)
         if http is None:
-            http = self._openai(http_async_client=openai.DefaultAsyncHttpxClient(timeout=self._timeout))
+            # A shallow copy with its own async client: no pydantic validation, and no CA bundle
+            # loaded for a plain-http server (about 60 ms each, per event loop).
+            plain = self.base_url.startswith("http://")
+            client = openai.AsyncOpenAI(
+                api_key=self._key,
+                base_url=self.base_url,
+                max_retries=self._max_retries,
+                http_client=openai.DefaultAsyncHttpxClient(verify=not plain),
+                **({"timeout": self._timeout} if self._timeout is not None else {}),
+            )
+            http = self._http.model_copy(
+                update={"root_async_client": client, "async_client": client.chat.completions}
+            )
             self._per_loop[loop] = http
         return http
 
