@@ -37,10 +37,14 @@ _PLUGINS = ("thaw_agents_weights", PLUGIN_NAME)
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="thaw-agents serve",
+        usage="thaw-agents serve [MODEL] [--host H] [--port P] [--api-key KEY] [--store DIR] "
+        "[--store-max-gib N] [vLLM server options]",
         description="vLLM's OpenAI-compatible server with the thaw connector and /v1/thaw snapshot routes. "
         "Options not listed here are passed to vLLM's server (see its --help).",
     )
-    p.add_argument("model", nargs="?", default=None, help="a model folder or id (default: the default model)")
+    # MODEL is taken by hand (see _prepare): an optional positional would swallow the value of
+    # any vLLM option argparse does not know (`--max-model-len 4096`).
+    p.add_argument("--model", dest="model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -86,13 +90,22 @@ def build_vllm_argv(args: argparse.Namespace, passthrough: Sequence[str], store:
             argv += [flag, str(value)]
     if args.api_key:
         argv += ["--api-key", args.api_key]
+    # Compact guided JSON, as ChatThaw in-process: whitespace between JSON tokens is allowed or not
+    # engine-wide only, and a small model spends dozens of tokens on it.
+    argv += [
+        "--structured-outputs-config",
+        json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+    ]
     return [*argv, *passthrough]
 
 
 def _prepare(argv: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
     from .._store import open_store
 
+    argv = list(argv or [])
+    model = argv.pop(0) if argv and not argv[0].startswith("-") else None
     args, passthrough = parser().parse_known_args(argv)
+    args.model = args.model or model
     if not args.api_key and args.host not in _LOOPBACK:
         raise ConfigError(
             f"refusing to listen on {args.host} without an API key: the /v1/thaw routes read and write "
