@@ -13,10 +13,9 @@ from langchain_core.outputs import ChatGenerationChunk
 
 import thaw_agents
 
-from ._messages import to_chat_dicts, with_tools
 from ._output import last_chunk, usage
-from ._request import is_validation_error, prompt_token_ids, resolve_fork, sampling_params
-from ._tools import forced_call_schema, parse_tool_calls
+from ._request import chat_request, is_validation_error, prompt_token_ids, resolve_fork, sampling_params
+from ._tools import parse_tool_calls
 
 if TYPE_CHECKING:
     from .langchain import ChatThaw
@@ -32,15 +31,7 @@ async def engine_chunks(
     """One in-process call on ChatThaw's engine (run on the background loop): LangChain chunks,
     text as it comes unless tools are bound, the last one with calls, usage and metadata."""
     handle = await llm._handle()
-    tools: list[dict[str, Any]] = kwargs.get("tools") or []
-    tool_choice = kwargs.get("tool_choice")
-    structured = kwargs.get("structured_outputs")
-    forced = forced_call_schema(tools, tool_choice) if tools and tool_choice != "none" else None
-    if forced is not None:
-        structured = {"json": forced}
-    chat = to_chat_dicts(messages)
-    if tools and tool_choice != "none":
-        chat = with_tools(chat, tools)
+    chat, tools, tool_choice, structured, forced = chat_request(messages, kwargs)
     try:
         prompt_ids = await prompt_token_ids(handle.engine, chat)
     except Exception as exc:  # vLLM validates the context length while rendering
@@ -124,7 +115,7 @@ async def engine_chunks(
     yield last_chunk(
         "".join(text_parts),
         buffered=buffer_output,
-        forced=forced is not None,
+        forced=forced,
         read_calls=read_calls,
         usage_metadata=usage(len(prompt_ids), num_output, cached),
         metadata=metadata,

@@ -32,10 +32,10 @@ import thaw_agents
 from thaw_agents._store import partial_prefix, store_dir
 from thaw_agents.connector.params import is_snapshot_id
 
-from ._messages import to_chat_dicts, with_tools
+from ._messages import to_chat_dicts
 from ._output import last_chunk, usage
-from ._request import SAMPLING_FIELDS
-from ._tools import forced_call_schema, parse_hermes_calls
+from ._request import SAMPLING_FIELDS, chat_request
+from ._tools import parse_hermes_calls
 
 __all__ = ["RemoteChat", "RemoteSnapshot", "normalise_base_url"]
 
@@ -273,15 +273,7 @@ class RemoteChat:
         self, messages: list[BaseMessage], defaults: dict[str, Any], stop: Any, kwargs: dict[str, Any]
     ) -> _Turn:
         """The request of one chat call (``defaults``: the ChatThaw's sampling values)."""
-        tools: list[dict[str, Any]] = kwargs.get("tools") or []
-        tool_choice = kwargs.get("tool_choice")
-        structured = kwargs.get("structured_outputs")
-        forced = forced_call_schema(tools, tool_choice) if tools and tool_choice != "none" else None
-        if forced is not None:
-            structured = {"json": forced}
-        chat = to_chat_dicts(messages)
-        if tools and tool_choice != "none":
-            chat = with_tools(chat, tools)
+        chat, tools, tool_choice, structured, forced = chat_request(messages, kwargs)
         values = dict(defaults)
         values.update({k: kwargs[k] for k in SAMPLING_FIELDS if kwargs.get(k) is not None})
         call: dict[str, Any] = {k: values[k] for k in _OPENAI_FIELDS if k in values}
@@ -302,7 +294,7 @@ class RemoteChat:
             call["timeout"] = kwargs["timeout"]
         buffered = bool(tools) and tool_choice != "none"
         stops = list(stop) if stop else None
-        return _Turn(call, stops, fork, fork_id, buffered, forced is not None, self.model)
+        return _Turn(call, stops, fork, fork_id, buffered, forced, self.model)
 
     def _retry_with_push(self, turn: _Turn, exc: Exception) -> bool:
         """A 404 for a local ForkHandle the server lacks: upload it and send again (True)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import thaw_agents
 
@@ -39,6 +39,33 @@ def is_validation_error(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - older vLLM
         VLLMValidationError = ValueError
     return isinstance(exc, (ValueError, TypeError, VLLMValidationError))
+
+
+class ChatRequest(NamedTuple):
+    chat: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    tool_choice: Any
+    structured: dict[str, Any] | None
+    forced: bool  # a tool call is forced: decoded under its JSON schema
+
+
+def chat_request(messages: list[Any], kwargs: dict[str, Any]) -> ChatRequest:
+    """The chat dicts, tools, tool choice and structured-output spec of one call, the same for
+    the in-process and the remote ChatThaw: tools described in the system message, a forced
+    call decoded under its JSON schema."""
+    from ._messages import to_chat_dicts, with_tools
+    from ._tools import forced_call_schema
+
+    tools: list[dict[str, Any]] = kwargs.get("tools") or []
+    tool_choice = kwargs.get("tool_choice")
+    structured = kwargs.get("structured_outputs")
+    forced = forced_call_schema(tools, tool_choice) if tools and tool_choice != "none" else None
+    if forced is not None:
+        structured = {"json": forced}
+    chat = to_chat_dicts(messages)
+    if tools and tool_choice != "none":
+        chat = with_tools(chat, tools)
+    return ChatRequest(chat, tools, tool_choice, structured, forced is not None)
 
 
 def sampling_params(
