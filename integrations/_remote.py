@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -29,7 +30,6 @@ from langchain_core.outputs import ChatGenerationChunk
 from langchain_openai import ChatOpenAI
 
 import thaw_agents
-from thaw_agents._store import partial_prefix, store_dir
 from thaw_agents.connector.params import is_snapshot_id
 
 from ._messages import to_chat_dicts
@@ -401,17 +401,14 @@ class RemoteChat:
             if parent is None:
                 break
             chain.append(parent)
-        store = store_dir()
         for sid in reversed(chain):
             with contextlib.suppress(thaw_agents.SnapshotNotFoundError):
                 thaw_agents.ForkHandle.from_id(sid)
                 continue  # already here
-            tmp = store / f"{partial_prefix()}{os.urandom(8).hex()}.partial"
-            try:
+            with tempfile.TemporaryDirectory(prefix="thaw-fetch-") as folder:  # owner-only
+                tmp = Path(folder) / f"{sid}.thaw"
                 self._transfer("GET", f"/thaw/snapshots/{sid}/content", dest=tmp)
-                loaded = thaw_agents.ForkHandle.load(tmp)  # verified, linked into the store by id
-            finally:
-                tmp.unlink(missing_ok=True)
+                loaded = thaw_agents.ForkHandle.load(tmp)  # verified, brought into the store by id
             if loaded.id != sid:
                 raise thaw_agents.SnapshotFormatError(f"the server sent {loaded.id} for {sid}")
         return thaw_agents.ForkHandle.from_id(snapshot_id)
