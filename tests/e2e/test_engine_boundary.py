@@ -141,7 +141,7 @@ def test_a_snapshot_of_another_dtype_is_refused_by_the_worker_and_not_counted(
     second is recomputed, and the served-token count says so."""
 
     def to_fp16(header: dict) -> None:
-        header["kv_spec"]["dtype"] = "float16" if header["kv_spec"]["dtype"] != "float16" else "bfloat16"
+        header["kv_spec"]["dtype"] = snapfiles.other_dtype(header["kv_spec"]["dtype"])
         snap = header["snapshot"]
         spec = KVSpec.from_json(header["kv_spec"])
         snap["id"] = snapshot_id(spec, bytes.fromhex(snap["keys"][-1]), snap["tail_token_ids"])

@@ -234,14 +234,16 @@ class TestLocalPool:
     ) -> None:
         handle = thaw_agents.fork(parent, _trunk("dtypes"))
 
-        def to_fp16(header: dict) -> None:
-            header["kv_spec"]["dtype"] = "float16"
+        other = snapfiles.other_dtype(handle.spec.dtype)
 
-        bad = ForkHandle.load(snapfiles.rewrite_header(handle.path, tmp_path / "fp16.thaw", to_fp16))
+        def to_other(header: dict) -> None:
+            header["kv_spec"]["dtype"] = other
+
+        bad = ForkHandle.load(snapfiles.rewrite_header(handle.path, tmp_path / "other.thaw", to_other))
         before = [w.tasks_done for w in pool.workers]
         with pytest.raises(SnapshotMismatchError) as info:
             fork_completions(parent, prefix=bad, suffixes=SUFFIXES[:2], sampling_params=GREEDY, pool=pool)
-        assert info.value.field == "dtype" and info.value.actual == "float16"
+        assert info.value.field == "dtype" and info.value.actual == other
         assert [w.tasks_done for w in pool.workers] == before
 
     def test_concurrent_rounds_match_their_solo_runs(self, parent, pool: ForkPool) -> None:

@@ -106,7 +106,7 @@ def test_bad_ids_get_clear_statuses_and_the_server_keeps_serving(server, trunk: 
     source = server.store / f"{trunk['snapshot']['id']}.thaw"
 
     def to_fp16(header: dict) -> None:
-        header["kv_spec"]["dtype"] = "float16" if header["kv_spec"]["dtype"] != "float16" else "bfloat16"
+        header["kv_spec"]["dtype"] = snapfiles.other_dtype(header["kv_spec"]["dtype"])
 
     staged = snapfiles.rewrite_header(source, tmp_path / "fp16.thaw", to_fp16, recompute_id=True)
     foreign_id = read_kv_manifest(staged).snapshot_id

@@ -93,3 +93,9 @@ def truncate(src: Path, dst: Path, drop: int = 4096) -> Path:
     with open(dst, "r+b") as handle:
         handle.truncate(size - drop)
     return dst
+
+
+def other_dtype(dtype: str) -> str:
+    """Another KV dtype of the same item size (so an edited header stays self-consistent):
+    what an engine of the other kind of CPU (bfloat16 vs float16) or precision would record."""
+    return {"bfloat16": "float16", "float16": "bfloat16", "float32": "int32"}[dtype]
