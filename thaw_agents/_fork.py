@@ -218,8 +218,7 @@ class ForkHandle:
                 break
             current = _find_parent(uri, manifest.parent.snapshot_id, store)
         manifests.reverse()
-        check_links(manifests)
-        return _handle_from_chain([Path(m.path) for m in manifests], manifests)
+        return _handle_from_chain([Path(m.path) for m in manifests], manifests)  # checks the links
 
     @classmethod
     def from_id(
