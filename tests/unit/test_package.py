@@ -16,6 +16,7 @@ def test_public_api_is_pinned() -> None:
     assert thaw_agents.__all__ == sorted(thaw_agents.__all__)
     assert set(thaw_agents.__all__) == {
         "BranchResult",
+        "ChatThaw",
         "ConfigError",
         "DependencyError",
         "EngineError",
@@ -42,11 +43,54 @@ def test_public_api_is_pinned() -> None:
         "engine_kwargs",
         "fork",
         "fork_completions",
+        "fork_fanout",
+        "fork_fanout_sync",
+        "fork_sends",
         "make_llm",
+        "trunk_of",
         "with_fork",
     }
     for name in thaw_agents.__all__:
         assert hasattr(thaw_agents, name), name
+
+
+def test_short_imports_are_the_integrations_objects() -> None:
+    from thaw_agents import ChatThaw, fork_sends
+    from thaw_agents.integrations import langgraph
+
+    assert ChatThaw is langgraph.ChatThaw and fork_sends is langgraph.fork_sends
+    assert set(langgraph.__all__) <= set(thaw_agents.__all__)
+    assert "ChatThaw" in dir(thaw_agents)
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+
+
+def test_import_does_not_load_langchain() -> None:
+    out = _python(
+        "import sys, thaw_agents; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('langchain_core', 'langgraph')))"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_short_import_without_langchain_names_the_extra() -> None:
+    # None in sys.modules makes `import langchain_core` fail as if it were not installed.
+    out = _python(
+        "import sys; sys.modules['langchain_core'] = None\n"
+        "import thaw_agents\n"
+        "try:\n"
+        "    from thaw_agents import ChatThaw\n"
+        "except thaw_agents.DependencyError as exc:\n"
+        "    print(type(exc).__name__, isinstance(exc, ImportError), exc)\n"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("DependencyError True "), out.stdout
+    assert "pip install 'thaw-agents[langgraph]'" in out.stdout and "ChatThaw" in out.stdout
+    missing = _python("import thaw_agents; thaw_agents.no_such_name")
+    assert "AttributeError" in missing.stderr and "no_such_name" in missing.stderr
 
 
 def test_errors_form_one_tree() -> None:
