@@ -2,13 +2,13 @@
 
 All against the session's real server (the ``server`` fixture: default model, loopback, API key);
 no mocks. A branch's ``cached_tokens`` / ``cache_read`` must cover the trunk snapshot's full blocks.
+LangChain's standard suite against the server is in ``tests/integration_tests``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import operator
-import os
 import warnings
 from typing import Annotated, TypedDict
 
@@ -17,7 +17,6 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
-from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel
 
@@ -295,91 +294,3 @@ def test_fork_fanout_over_http(chat: ChatThaw, trunk) -> None:
         assert reply.usage_metadata["input_token_details"]["cache_read"] >= 1000
     with pytest.raises(thaw_agents.ConfigError, match="pool"):
         asyncio.run(fork_fanout(chat, trunk, ["x"], pool=object()))  # type: ignore[arg-type]
-
-
-# -- LangChain's standard integration suite, against the server --------------------------------
-SMALL_MODEL = "SmolLM2-135M answers too weakly for this check; the plumbing is tested separately"
-_REMOTE: dict[str, str] = {}
-
-
-@pytest.fixture(autouse=True)
-def _remote_params(server, store) -> None:
-    _REMOTE.update(base_url=server.url, api_key=server.api_key)
-
-
-@pytest.mark.skipif(
-    os.environ.get("THAW_TEST_REMOTE_STANDARD") != "1",
-    reason="LangChain's standard suite over HTTP takes well over 10 minutes on a 2-core CPU (512-token "
-    "answers); set THAW_TEST_REMOTE_STANDARD=1 to run it (the in-process suite runs always)",
-)
-class TestChatThawRemoteIntegration(ChatModelIntegrationTests):
-    """The same suite and the same weak-model xfails as the in-process ChatThaw's."""
-
-    @property
-    def chat_model_class(self) -> type[ChatThaw]:
-        return ChatThaw
-
-    @property
-    def chat_model_params(self) -> dict:
-        # A mild repetition penalty keeps the 135M model from looping inside JSON strings.
-        return {**_REMOTE, "temperature": 0, "repetition_penalty": 1.2}
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supported_usage_metadata_details(self) -> dict:
-        return {"invoke": ["cache_read_input"], "stream": ["cache_read_input"]}
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False
-
-    def invoke_with_cache_read_input(self, *, stream: bool = False):
-        """Two calls over one long system prompt: the second reads it from the prefix cache."""
-        from helpers.texts import long_trunk
-
-        llm = ChatThaw(**_REMOTE, temperature=0, max_tokens=8)
-        messages = [("system", long_trunk(3)), ("human", "Summarise in one word.")]
-        llm.invoke(messages)
-        if stream:
-            full = None
-            for chunk in llm.stream(messages):
-                full = chunk if full is None else full + chunk
-            return full
-        return llm.invoke(messages)
-
-    @pytest.mark.xfail(reason=SMALL_MODEL + ": it picks wrong argument values for the forced call")
-    def test_tool_calling(self, model) -> None:
-        super().test_tool_calling(model)
-
-    @pytest.mark.xfail(reason=SMALL_MODEL + ": it picks wrong argument values for the forced call")
-    async def test_tool_calling_async(self, model) -> None:
-        await super().test_tool_calling_async(model)
-
-    @pytest.mark.xfail(reason=SMALL_MODEL + ": it does not use tool results to answer")
-    def test_agent_loop(self, model) -> None:
-        super().test_agent_loop(model)
-
-    @pytest.mark.xfail(reason=SMALL_MODEL + ": the forced call is valid but its argument is empty")
-    def test_bind_runnables_as_tools(self, model) -> None:
-        super().test_bind_runnables_as_tools(model)
-
-    @pytest.mark.xfail(reason=SMALL_MODEL + ": JSON mode gives valid JSON without the asked-for keys")
-    def test_json_mode(self, model) -> None:
-        super().test_json_mode(model)
-
-    @pytest.mark.xfail(reason=SMALL_MODEL + ": the forced call is valid but it leaves the text empty")
-    def test_unicode_tool_call_integration(self, model, *, tool_choice=None, force_tool_call=True) -> None:
-        super().test_unicode_tool_call_integration(
-            model, tool_choice=tool_choice, force_tool_call=force_tool_call
-        )
