@@ -26,8 +26,8 @@ from ._errors import (
     SnapshotNotFoundError,
     SnapshotWriteError,
 )
-from ._kvspec import KVSpec, chain_keys, snapshot_id
-from ._manifest import KVManifest, check_compatible, read_kv_manifest
+from ._kvspec import KVSpec
+from ._manifest import KVManifest, ParentRef, check_compatible, derive_snapshot, read_kv_manifest
 from ._store import (
     SUFFIX,
     check_links,
@@ -357,12 +357,15 @@ def fork(engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None) -> Fo
             parent_handle = parent.for_engine(adapter)
             leaf = parent_handle.manifests[-1]
             start_key = bytes.fromhex(leaf.keys[-1] if leaf.keys else leaf.parent.last_key)  # type: ignore[union-attr]
+    link = None
+    if parent_handle is not None and start_key is not None:
+        link = ParentRef(
+            snapshot_id=parent_handle.id, num_blocks=parent_handle.num_blocks, last_key=start_key.hex()
+        )
     covered = parent_handle.num_snapshot_tokens if parent_handle else 0
-    own = tokens[covered:]
-    keys = chain_keys(spec, own[: len(own) // bs * bs], start_key=start_key)
-    last_key = keys[-1] if keys else (start_key or b"")
-    full = covered + len(keys) * bs
-    sid = snapshot_id(spec, last_key, tokens[full:])
+    content = derive_snapshot(spec, tokens[covered:], parent=link)
+    full = covered + content.num_blocks * bs
+    sid = content.snapshot_id
     dest = snapshot_path(store, sid)
     take_save_error(store, sid)  # a stale record of an earlier attempt
     run = adapter.run_prefix(

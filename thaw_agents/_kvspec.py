@@ -10,6 +10,9 @@ process on some versions and pickle-based by default)::
 
     key[-1] = BLAKE3("thaw-chain-v1|" | model fingerprint, block size as JSON)
     key[i]  = BLAKE3(key[i-1] | int32-LE token ids of block i)
+
+A snapshot's id is made from these keys in one place only:
+:func:`thaw_agents._manifest.derive_snapshot`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 from ._errors import SnapshotFormatError
 from ._validate import dtype_itemsize, want_dict, want_int, want_list, want_shape, want_str
 
-__all__ = ["HASH_SCHEME", "KVSpec", "LayerSpec", "chain_keys", "model_fingerprint", "snapshot_id"]
+__all__ = ["HASH_SCHEME", "KVSpec", "LayerSpec", "chain_keys", "model_fingerprint"]
 
 HASH_SCHEME = "thaw-chain-blake3-v1"
 _SAMPLE_NBYTES = 1 << 20
@@ -207,15 +210,6 @@ def chain_keys(spec: KVSpec, token_ids: Sequence[int], *, start_key: bytes | Non
 
 def chain_root(spec: KVSpec) -> bytes:
     return blake3.blake3(b"thaw-chain-v1|" + spec.chain_root_material()).digest()
-
-
-def snapshot_id(spec: KVSpec, last_key: bytes, tail_token_ids: Sequence[int]) -> str:
-    """A snapshot's id, from its content: the chain's last key, the partial tail's tokens,
-    and the KV byte layout (the same tokens in another dtype are another snapshot)."""
-    digest = blake3.blake3(
-        spec.layout_material() + b"|" + last_key + np.asarray(tail_token_ids, dtype="<i4").tobytes()
-    )
-    return "thaw-" + digest.hexdigest()[:32]
 
 
 def model_fingerprint(model: str, hf_config: dict[str, Any] | None = None) -> str:

@@ -1,4 +1,10 @@
-"""The KV snapshot manifest: what a ``kind == "kv"`` container's header holds beyond the container.
+"""KV snapshots: their ids, their one writer and their strict reader.
+
+:func:`derive_snapshot` is the one place a snapshot id is made from tokens (``fork()``
+names the file it asks for, the worker recomputes it before writing, the reader before
+trusting a file); :func:`write_kv_snapshot` is the one writer (the connector's worker
+calls it); :func:`read_kv_manifest` the reader. The header a ``kind == "kv"`` container
+holds beyond the container:
 
 Fields (see ``docs/snapshot-format.md``)::
 
@@ -13,15 +19,29 @@ Fields (see ``docs/snapshot-format.md``)::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ._container import Container, read_container
+import blake3
+import numpy as np
+
+from ._container import Container, RegionData, read_container, write_container
 from ._errors import SnapshotFormatError, SnapshotMismatchError
-from ._kvspec import HASH_SCHEME, KVSpec, chain_keys, snapshot_id
+from ._kvspec import HASH_SCHEME, KVSpec, chain_keys
+from ._store import snapshot_path
 from ._validate import describe, want_dict, want_hex, want_id, want_int, want_list, want_str, want_tokens
 
-__all__ = ["KVManifest", "ParentRef", "check_compatible", "read_kv_manifest"]
+__all__ = [
+    "KVManifest",
+    "ParentRef",
+    "SnapshotContent",
+    "check_compatible",
+    "derive_snapshot",
+    "read_kv_manifest",
+    "write_kv_snapshot",
+]
 
 # Blocks before a file's first one: a chain of 2**40 blocks is far beyond any real prefix.
 _MAX_BLOCKS = 2**40
@@ -58,6 +78,126 @@ class ParentRef:
     snapshot_id: str
     num_blocks: int
     last_key: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotContent:
+    """What a KV snapshot file holds, derived from its tokens (see :func:`derive_snapshot`).
+
+    Attributes:
+        snapshot_id: ``thaw-`` + 32 hex digits: the file's name in a store.
+        first_block: index of the file's first block in the whole prefix.
+        token_ids: the tokens of the file's full blocks.
+        tail_token_ids: the partial block after them (never cached, recomputed on restore).
+        keys: one chain key per full block.
+        parent: the snapshot this one extends, or None for a root.
+    """
+
+    snapshot_id: str
+    first_block: int
+    token_ids: tuple[int, ...]
+    tail_token_ids: tuple[int, ...]
+    keys: tuple[bytes, ...]
+    parent: ParentRef | None
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.keys)
+
+    @property
+    def last_key(self) -> bytes:
+        """The key the id is made of: the last block's, else the parent's last (else empty)."""
+        if self.keys:
+            return self.keys[-1]
+        return bytes.fromhex(self.parent.last_key) if self.parent else b""
+
+
+def derive_snapshot(
+    spec: KVSpec, token_ids: Sequence[int], *, parent: ParentRef | None = None
+) -> SnapshotContent:
+    """The id and block keys of the snapshot of ``token_ids``: the one place ids are made.
+
+    The id is BLAKE3 of the KV byte layout, the last chain key and the partial tail's tokens:
+    the same tokens in another dtype or attention layout are another snapshot, and a child's
+    id binds its whole prefix through the parent's last key.
+
+    Args:
+        spec: the engine's KV spec (its model and block size seed the key chain).
+        token_ids: the tokens from the snapshot's first block on: a whole prefix for a root,
+            the tokens after the parent's blocks for a child.
+        parent: the snapshot this one extends (its keys continue the parent's chain).
+
+    Example:
+        >>> content = derive_snapshot(spec, tokens)                        # doctest: +SKIP
+        >>> snapshot_path(store, content.snapshot_id)                      # doctest: +SKIP
+    """
+    bs = spec.block_size
+    full = len(token_ids) // bs * bs
+    start_key = bytes.fromhex(parent.last_key) if parent else None
+    keys = tuple(chain_keys(spec, token_ids[:full], start_key=start_key))
+    tail = tuple(token_ids[full:])
+    last_key = keys[-1] if keys else (start_key or b"")
+    digest = blake3.blake3(spec.layout_material() + b"|" + last_key + np.asarray(tail, dtype="<i4").tobytes())
+    return SnapshotContent(
+        snapshot_id="thaw-" + digest.hexdigest()[:32],
+        first_block=parent.num_blocks if parent else 0,
+        token_ids=tuple(token_ids[:full]),
+        tail_token_ids=tail,
+        keys=keys,
+        parent=parent,
+    )
+
+
+def write_kv_snapshot(
+    store: Path,
+    spec: KVSpec,
+    content: SnapshotContent,
+    blocks: Sequence[RegionData],
+    *,
+    fsync: bool | None = None,
+) -> Container:
+    """Write ``content``'s blocks to ``<store>/<snapshot id>.thaw``, atomically and owner-only.
+
+    Args:
+        store: the snapshot store folder.
+        spec: the KV spec of the engine the blocks come from.
+        content: from :func:`derive_snapshot` (the file is named and keyed by it).
+        blocks: one block's bytes each (a buffer, or one buffer per layer written back to
+            back), ``content.num_blocks`` of them, ``spec.block_nbytes`` each.
+        fsync: flush before the rename; default: yes, except under ``/dev/shm``.
+
+    Raises:
+        SnapshotWriteError: the file could not be written (a full disk, permissions).
+    """
+    if len(blocks) != content.num_blocks:
+        raise ValueError(f"{len(blocks)} blocks for a snapshot of {content.num_blocks}")
+    from . import __version__
+
+    dest = snapshot_path(store, content.snapshot_id)
+    parent = content.parent
+    meta = {
+        "created_by": f"thaw-agents {__version__}",
+        "hash_scheme": HASH_SCHEME,
+        "kv_spec": spec.to_json(),
+        "snapshot": {
+            "id": content.snapshot_id,
+            "first_block": content.first_block,
+            "token_ids": list(content.token_ids),
+            "tail_token_ids": list(content.tail_token_ids),
+            "keys": [key.hex() for key in content.keys],
+            "parent": None
+            if parent is None
+            else {
+                "snapshot_id": parent.snapshot_id,
+                "num_blocks": parent.num_blocks,
+                "last_key": parent.last_key,
+            },
+        },
+    }
+    regions = [(f"block {content.first_block + i}", block) for i, block in enumerate(blocks)]
+    if fsync is None:
+        fsync = not str(dest).startswith("/dev/shm/")  # shared memory needs no fsync
+    return write_container(dest, "kv", meta, regions, fsync=fsync)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,19 +313,16 @@ def read_kv_manifest(
             )
     elif first_block != 0:
         raise SnapshotFormatError(f"starts at block {first_block} without a parent", path=where)
-    start = bytes.fromhex(parent.last_key) if parent else None
-    expected = [k.hex() for k in chain_keys(spec, token_ids, start_key=start)]
-    if expected != keys:
+    derived = derive_snapshot(spec, token_ids + tail, parent=parent)
+    if [key.hex() for key in derived.keys] != keys:
         raise SnapshotFormatError(
             "the block keys do not match the token ids: the manifest was edited or corrupted; "
             "re-create the snapshot",
             path=where,
         )
-    last_key = bytes.fromhex(keys[-1]) if keys else (start or b"")
-    computed_id = snapshot_id(spec, last_key, tail)
-    if computed_id != stored_id:
+    if derived.snapshot_id != stored_id:
         raise SnapshotFormatError(
-            f"the snapshot id {stored_id} is not the id of its content ({computed_id}): the "
+            f"the snapshot id {stored_id} is not the id of its content ({derived.snapshot_id}): the "
             "manifest was edited or corrupted; re-create the snapshot",
             path=where,
         )

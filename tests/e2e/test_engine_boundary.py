@@ -23,7 +23,6 @@ from vllm import SamplingParams, TokensPrompt
 
 import thaw_agents
 from thaw_agents import ForkHandle, SnapshotFormatError, SnapshotMismatchError, SnapshotNotFoundError
-from thaw_agents._kvspec import KVSpec, snapshot_id
 from thaw_agents._store import snapshot_path
 from thaw_agents.connector.params import load_params, save_params
 
@@ -142,9 +141,7 @@ def test_a_snapshot_of_another_dtype_is_refused_by_the_worker_and_not_counted(
 
     def to_fp16(header: dict) -> None:
         header["kv_spec"]["dtype"] = snapfiles.other_dtype(header["kv_spec"]["dtype"])
-        snap = header["snapshot"]
-        spec = KVSpec.from_json(header["kv_spec"])
-        snap["id"] = snapshot_id(spec, bytes.fromhex(snap["keys"][-1]), snap["tail_token_ids"])
+        snapfiles.reid(header)
 
     foreign = ForkHandle.load(snapfiles.rewrite_header(trunk["handle"].path, tmp_path / "f.thaw", to_fp16))
     with pytest.raises(SnapshotMismatchError) as info:

@@ -37,14 +37,18 @@ def reid(header: dict[str, Any]) -> None:
     """Recompute ``snapshot.id`` of an edited KV header, as a careful forger would, so that a
     test reaches the checks beyond the id (the engine's spec comparison). Leaves headers that
     do not parse as they are."""
-    from thaw_agents._kvspec import KVSpec, snapshot_id
+    from thaw_agents._kvspec import KVSpec
+    from thaw_agents._manifest import ParentRef, derive_snapshot
 
     try:
         snap = header["snapshot"]
         spec = KVSpec.from_json(header["kv_spec"])
         keys, parent = snap["keys"], snap.get("parent")
         last = keys[-1] if keys else (parent["last_key"] if parent else "")
-        snap["id"] = snapshot_id(spec, bytes.fromhex(last), snap["tail_token_ids"])
+        # The id of the stored keys (not of keys recomputed from the tokens): the tail alone,
+        # continuing the chain at the file's last key.
+        after = ParentRef(snapshot_id="thaw-" + "0" * 32, num_blocks=0, last_key=last) if last else None
+        snap["id"] = derive_snapshot(spec, snap["tail_token_ids"], parent=after).snapshot_id
     except Exception:
         return
 

@@ -84,30 +84,20 @@ def test_freeze_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[s
     _one_line_error(*_run(capsys, "freeze", str(plain), "-o", str(tmp_path / "w.thaw")), "not a folder")
 
 
-def _valid_kv_file(path: Path, model_name: str) -> Path:
-    """A small, self-consistent KV snapshot (keys and id computed as the engine does)."""
-    from thaw_agents._container import write_container
-    from thaw_agents._kvspec import HASH_SCHEME, KVSpec, LayerSpec, chain_keys, snapshot_id
+def _valid_kv_file(store: Path, model_name: str) -> Path:
+    """A small, self-consistent KV snapshot in the folder ``store``, written as the engine writes one."""
+    from thaw_agents._kvspec import KVSpec, LayerSpec
+    from thaw_agents._manifest import derive_snapshot, write_kv_snapshot
 
     spec = KVSpec(model_name=model_name, model_fingerprint="sha256:test", vllm_version="0", platform="cpu",
                   kv_layout="test", dtype="float16", block_size=2,
                   layers=(LayerSpec(name="l0", block_shape=(2, 2), block_nbytes=8),))  # fmt: skip
-    tokens, tail = [5, 6, 7, 8], [9]
-    keys = chain_keys(spec, tokens)
-    snap = {"id": snapshot_id(spec, keys[-1], tail), "first_block": 0, "token_ids": tokens,
-            "tail_token_ids": tail, "keys": [k.hex() for k in keys], "parent": None}  # fmt: skip
-    meta = {
-        "kv_spec": spec.to_json(),
-        "hash_scheme": HASH_SCHEME,
-        "snapshot": snap,
-        "created_by": "test\x1b[31m",
-    }
-    write_container(path, "kv", meta, [("block 0", b"\1" * 8), ("block 1", b"\2" * 8)])
-    return path
+    content = derive_snapshot(spec, [5, 6, 7, 8, 9])
+    return Path(write_kv_snapshot(store, spec, content, [b"\1" * 8, b"\2" * 8]).path)
 
 
 def test_info_shows_header_strings_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _valid_kv_file(tmp_path / "ok.thaw", "evil\x1b[2J\nchecksums  verified\u2028")
+    path = _valid_kv_file(tmp_path, "evil\x1b[2J\nchecksums  verified\u2028")
     code, out, err = _run(capsys, "info", str(path), "--verify")
     assert code == 0 and err == ""
     assert out.count("\n") == 12 and "\x1b" not in out and "\u2028" not in out

@@ -36,10 +36,8 @@ from thaw_agents.accel import (
     scatter_blocks,
 )
 
-from .. import __version__
-from .._container import write_container
-from .._kvspec import HASH_SCHEME, KVSpec, chain_keys, snapshot_id
-from .._manifest import check_compatible
+from .._kvspec import KVSpec
+from .._manifest import ParentRef, check_compatible, derive_snapshot, write_kv_snapshot
 from .._store import record_save_error, snapshot_path
 from .config import ThawConnectorConfig
 from .engine_spec import LayoutUnknownError, worker_spec
@@ -272,16 +270,15 @@ class ThawWorker:
     def _save(self, job: SaveJob) -> None:
         spec = self._require_spec()
         start = time.perf_counter()
-        bs = spec.block_size
-        start_key = bytes.fromhex(job.parent_last_key) if job.parent_id else None
-        full = len(job.token_ids) // bs
-        own_tokens = job.token_ids[job.first_block * bs : full * bs]
-        keys = chain_keys(spec, own_tokens, start_key=start_key)
-        if len(keys) != len(job.block_ids):
-            raise RuntimeError(f"{len(job.block_ids)} engine blocks for {len(keys)} snapshot blocks")
-        tail = list(job.token_ids[full * bs :])
-        last_key = keys[-1] if keys else (start_key if start_key is not None else b"")
-        sid = snapshot_id(spec, last_key, tail)
+        parent = None
+        if job.parent_id:  # from the parent's validated file, never from the request
+            parent = ParentRef(
+                snapshot_id=job.parent_id, num_blocks=job.first_block, last_key=job.parent_last_key
+            )
+        content = derive_snapshot(spec, job.token_ids[job.first_block * spec.block_size :], parent=parent)
+        if content.num_blocks != len(job.block_ids):
+            raise RuntimeError(f"{len(job.block_ids)} engine blocks for {content.num_blocks} snapshot blocks")
+        sid = content.snapshot_id
         if sid != job.snapshot_id:
             raise ValueError(
                 f"the request expects snapshot {job.snapshot_id} but its tokens make {sid}: the "
@@ -298,34 +295,7 @@ class ThawWorker:
                 out=self._staging.rows(len(job.block_ids), spec.block_nbytes),
             ).cpu()
             views = [[memoryview(staged[i].numpy())] for i in range(len(job.block_ids))]
-        parent = None
-        if job.parent_id:
-            parent = {
-                "snapshot_id": job.parent_id,
-                "num_blocks": job.first_block,
-                "last_key": job.parent_last_key,
-            }
-        meta = {
-            "created_by": f"thaw-agents {__version__}",
-            "hash_scheme": HASH_SCHEME,
-            "kv_spec": spec.to_json(),
-            "snapshot": {
-                "id": sid,
-                "first_block": job.first_block,
-                "token_ids": list(own_tokens),
-                "tail_token_ids": tail,
-                "keys": [k.hex() for k in keys],
-                "parent": parent,
-            },
-        }
-        dest = snapshot_path(self.store, sid)
-        container = write_container(
-            dest,
-            "kv",
-            meta,
-            [(f"block {job.first_block + i}", views[i]) for i in range(len(views))],
-            fsync=not str(dest).startswith("/dev/shm/"),  # shared memory needs no fsync
-        )
+        container = write_kv_snapshot(self.store, spec, content, views)
         logger.debug(
             "thaw: request %s: saved %d blocks (%d bytes) as %s in %.1f ms",
             job.req_id,

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 from .._adapter import adapter_for
 from .._errors import ConfigError, PoolError, SnapshotMismatchError
 from .._fork import ForkHandle, fork
-from .._kvspec import KVSpec, chain_keys, snapshot_id
-from .._manifest import check_compatible
-from .._store import SUFFIX, store_dir
+from .._kvspec import KVSpec
+from .._manifest import check_compatible, derive_snapshot
+from .._store import snapshot_path, store_dir
 from ._dispatch import Outcome, dispatch
 from ._pool import ForkPool
 from ._protocol import encode_sampling
@@ -280,8 +280,7 @@ def _fork_trunk(llm: Any, trunk: list[int], spec: KVSpec) -> tuple[ForkHandle | 
     bs = spec.block_size
     if len(trunk) < bs:
         return None, None  # nothing to ship: the workers compute the short trunk themselves
-    keys = chain_keys(spec, trunk[: len(trunk) // bs * bs])
-    path = store_dir() / (snapshot_id(spec, keys[-1], trunk[len(keys) * bs :]) + SUFFIX)
+    path = snapshot_path(store_dir(), derive_snapshot(spec, trunk).snapshot_id)
     with _STORE_LOCK:
         if not path.exists() and not _STORE_REFS[path]:
             _STORE_OWNED.add(path)
