@@ -6,12 +6,10 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.messages import BaseMessage, convert_to_messages
-
 import thaw_agents
+import thaw_agents.chat
 
 from . import _runtime
-from ._messages import to_chat_dicts
 
 if TYPE_CHECKING:
     from .langchain import ChatThaw
@@ -20,10 +18,15 @@ __all__ = ["ChatThawAdapter", "RemoteAdapter"]
 
 
 class ChatThawAdapter:
-    """The engine adapter protocol of :mod:`thaw_agents` over a ChatThaw's ``AsyncLLM``."""
+    """The engine adapter protocol of :mod:`thaw_agents` over a ChatThaw's ``AsyncLLM``.
 
-    def __init__(self, chat: ChatThaw) -> None:
+    ``tools``: the tools a bound ChatThaw (``llm.bind_tools(...)``) renders into every call;
+    a message prefix forked through it is rendered with them unless ``fork`` names others.
+    """
+
+    def __init__(self, chat: ChatThaw, tools: Sequence[Any] | None = None) -> None:
         self._chat = chat
+        self._tools = tools
 
     def describe(self) -> dict[str, Any]:
         """The engine's KV spec and snapshot store (``{"spec": ..., "store": ...}``)."""
@@ -38,21 +41,19 @@ class ChatThawAdapter:
             raise thaw_agents.ConfigError(reply["error"])
         return reply
 
-    def prefix_token_ids(self, prefix: Any) -> list[int]:
+    def prefix_token_ids(self, prefix: Any, tools: Sequence[Any] | None = None) -> list[int]:
         if isinstance(prefix, str):
             return self._chat.get_token_ids(prefix)
         if isinstance(prefix, Sequence) and prefix and all(isinstance(t, int) for t in prefix):
             return list(prefix)
-        messages = prefix if all(isinstance(m, BaseMessage) for m in prefix) else convert_to_messages(prefix)
+        tools = self._tools if tools is None else tools
 
         async def render() -> list[int]:
-            from vllm.renderers import ChatParams
-
+            # As a call renders its prompt (_request.prompt_token_ids), without the generation prompt.
             handle = await self._chat._handle()
-            _, prompts = await handle.engine.renderer.render_chat_async(
-                [to_chat_dicts(messages)], ChatParams(chat_template_kwargs={"add_generation_prompt": False})
+            return await thaw_agents.chat.arender(
+                handle.engine.renderer, prefix, tools, add_generation_prompt=False
             )
-            return list(prompts[0]["prompt_token_ids"])
 
         return _runtime.runtime.run(render())
 
@@ -86,6 +87,15 @@ class ChatThawAdapter:
 
         return _runtime.runtime.run(run())
 
+    def save_result(self, snapshot_id: str) -> dict[str, Any] | None:
+        """The engine's result for a save of ``snapshot_id``; None while it is being written."""
+
+        async def result() -> dict[str, Any] | None:
+            handle = await self._chat._handle()
+            return (await handle.engine.collective_rpc("thaw_save_result", args=(snapshot_id,)))[0]
+
+        return _runtime.runtime.run(result())
+
 
 class RemoteAdapter:
     """The engine adapter of a ``ChatThaw(base_url=...)``: its engine is on the server.
@@ -106,7 +116,7 @@ class RemoteAdapter:
             "(a local handle the server lacks is uploaded); hydrate() and with_fork() need a local engine"
         )
 
-    def prefix_token_ids(self, prefix: Any) -> list[int]:
+    def prefix_token_ids(self, prefix: Any, tools: Sequence[Any] | None = None) -> list[int]:
         if isinstance(prefix, str):
             return self._chat.get_token_ids(prefix)
         if isinstance(prefix, Sequence) and all(type(t) is int for t in prefix):

@@ -15,7 +15,7 @@ import thaw_agents
 
 from ._output import last_chunk, usage
 from ._request import chat_request, is_validation_error, prompt_token_ids, resolve_fork, sampling_params
-from ._tools import parse_tool_calls
+from ._tools import keep_first_call, parse_tool_calls
 
 if TYPE_CHECKING:
     from .langchain import ChatThaw
@@ -31,9 +31,11 @@ async def engine_chunks(
     """One in-process call on ChatThaw's engine (run on the background loop): LangChain chunks,
     text as it comes unless tools are bound, the last one with calls, usage and metadata."""
     handle = await llm._handle()
-    chat, tools, tool_choice, structured, forced = chat_request(messages, kwargs)
+    chat, tools, tool_choice, structured, forced, single_call = chat_request(messages, kwargs)
     try:
-        prompt_ids = await prompt_token_ids(handle.engine, chat)
+        prompt_ids = await prompt_token_ids(handle.engine, chat, tools)
+    except thaw_agents.ThawError:
+        raise
     except Exception as exc:  # vLLM validates the context length while rendering
         if not is_validation_error(exc):
             raise
@@ -110,7 +112,8 @@ async def engine_chunks(
     }
 
     def read_calls(text: str) -> tuple[str, list[Any], list[Any]]:
-        return parse_tool_calls(text, tools, handle.engine.get_tokenizer(), llm.tool_parser)
+        read = parse_tool_calls(text, tools, handle.engine.get_tokenizer(), llm.tool_parser)
+        return keep_first_call(read) if single_call else read
 
     yield last_chunk(
         "".join(text_parts),

@@ -1,12 +1,14 @@
 """``ChatThaw(base_url=...)``: the same chat model against a ``thaw-agents serve``, over HTTP.
 
 Chat requests go through ``langchain-openai``'s ``ChatOpenAI`` (its OpenAI client, streaming,
-retries, usage parsing). What ChatThaw adds travels in the request: the messages as ChatThaw's
-own converter writes them (tools described in the system message, exactly as in-process), vLLM's
-sampling extras (``top_k``, ``repetition_penalty``), guided decoding (``structured_outputs``) and
-the fork (``kv_transfer_params``), the last three in ``extra_body``. Snapshots use the server's
-``/v1/thaw/snapshots`` routes through the same OpenAI client; a ``.thaw`` file's bytes stream
-over ``httpx`` with the same key.
+retries, usage parsing). What ChatThaw adds travels in the request: the messages as
+:mod:`thaw_agents.chat` converts them, written in the Hermes convention (tools described in the
+system message, calls and results as text: the client cannot see whether the served template
+takes tools, and a snapshot made here of the same messages and tools gets the same dicts),
+vLLM's sampling extras (``top_k``, ``repetition_penalty``), guided decoding
+(``structured_outputs``) and the fork (``kv_transfer_params``), the last three in
+``extra_body``. Snapshots use the server's ``/v1/thaw/snapshots`` routes through the same
+OpenAI client; a ``.thaw`` file's bytes stream over ``httpx`` with the same key.
 """
 
 from __future__ import annotations
@@ -24,18 +26,18 @@ from typing import Any
 
 import httpx
 import openai
-from langchain_core.messages import AIMessageChunk, BaseMessage, convert_to_messages
+from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_openai import ChatOpenAI
 
 import thaw_agents
+from thaw_agents.chat import hermes_messages, to_openai_messages, to_openai_tools
 from thaw_agents.connector.params import is_snapshot_id
 
-from ._messages import to_chat_dicts
 from ._output import last_chunk, usage
 from ._request import SAMPLING_FIELDS, chat_request
-from ._tools import parse_hermes_calls
+from ._tools import keep_first_call, parse_hermes_calls
 
 __all__ = ["RemoteChat", "RemoteSnapshot", "normalise_base_url"]
 
@@ -134,6 +136,7 @@ class _Turn:
     fork_id: str | None
     buffered: bool
     forced: bool
+    single_call: bool
     model: str
     text: list[str] = field(default_factory=list)
     usage: UsageMetadata | None = None
@@ -166,6 +169,10 @@ class _Turn:
         self.text.append(text)
         return None if self.buffered else ChatGenerationChunk(message=AIMessageChunk(content=text))
 
+    def read_calls(self, text: str) -> tuple[str, list[Any], list[Any]]:
+        read = parse_hermes_calls(text)
+        return keep_first_call(read) if self.single_call else read
+
     def finish(self) -> ChatGenerationChunk:
         if self.finish_reason == "error":
             raise thaw_agents.EngineError("the server's engine failed this request (finish_reason='error')")
@@ -181,21 +188,21 @@ class _Turn:
             "".join(self.text),
             buffered=self.buffered,
             forced=self.forced,
-            read_calls=parse_hermes_calls,
+            read_calls=self.read_calls,
             usage_metadata=usage(got["input_tokens"], got["output_tokens"], cache_read),
             metadata=metadata,
         )
 
 
-def _prefix_body(prefix: Any) -> dict[str, Any]:
-    """The body of POST /v1/thaw/snapshots for a prompt string, token ids or chat messages."""
+def _prefix_body(prefix: Any, tools: Sequence[Any] | None = None) -> dict[str, Any]:
+    """The body of POST /v1/thaw/snapshots for a prompt string, token ids or chat messages
+    (messages and tools written as a chat call writes them, see the module docstring)."""
     if isinstance(prefix, str):
         return {"prompt": prefix}
     if isinstance(prefix, Sequence) and prefix and all(type(t) is int for t in prefix):
         return {"prompt_token_ids": list(prefix)}
     if isinstance(prefix, Sequence) and prefix:
-        messages = prefix if all(isinstance(m, BaseMessage) for m in prefix) else convert_to_messages(prefix)
-        return {"messages": to_chat_dicts(list(messages))}
+        return {"messages": hermes_messages(to_openai_messages(prefix), to_openai_tools(tools))}
     raise thaw_agents.ConfigError("a prefix is a prompt string, a list of token ids, or chat messages")
 
 
@@ -273,7 +280,7 @@ class RemoteChat:
         self, messages: list[BaseMessage], defaults: dict[str, Any], stop: Any, kwargs: dict[str, Any]
     ) -> _Turn:
         """The request of one chat call (``defaults``: the ChatThaw's sampling values)."""
-        chat, tools, tool_choice, structured, forced = chat_request(messages, kwargs)
+        chat, tools, tool_choice, structured, forced, single_call = chat_request(messages, kwargs)
         values = dict(defaults)
         values.update({k: kwargs[k] for k in SAMPLING_FIELDS if kwargs.get(k) is not None})
         call: dict[str, Any] = {k: values[k] for k in _OPENAI_FIELDS if k in values}
@@ -289,12 +296,12 @@ class RemoteChat:
             fork_id = None
         if fork_id is not None:
             extra["kv_transfer_params"] = {"thaw": {"snapshot_id": fork_id}}
-        call.update(thaw_chat=chat, model=self.model, extra_body=extra)
+        call.update(thaw_chat=hermes_messages(chat, tools), model=self.model, extra_body=extra)
         if kwargs.get("timeout") is not None:
             call["timeout"] = kwargs["timeout"]
         buffered = bool(tools) and tool_choice != "none"
         stops = list(stop) if stop else None
-        return _Turn(call, stops, fork, fork_id, buffered, forced, self.model)
+        return _Turn(call, stops, fork, fork_id, buffered, forced, single_call, self.model)
 
     def _retry_with_push(self, turn: _Turn, exc: Exception) -> bool:
         """A 404 for a local ForkHandle the server lacks: upload it and send again (True)."""
@@ -348,13 +355,16 @@ class RemoteChat:
         except openai.APIError as exc:
             raise _typed(exc, self.base_url) from exc
 
-    def snapshot(self, prefix: Any, parent: str | None = None) -> RemoteSnapshot:
-        """Snapshot ``prefix`` on the server (messages rendered by its chat template); id only.
+    def snapshot(
+        self, prefix: Any, parent: str | None = None, tools: Sequence[Any] | None = None
+    ) -> RemoteSnapshot:
+        """Snapshot ``prefix`` on the server (messages and tools rendered by its chat template,
+        as a chat call with them is); id only.
 
         Raises:
             SnapshotNotFoundError: ``parent`` is not on the server.
         """
-        body = _prefix_body(prefix)
+        body = _prefix_body(prefix, tools)
         if parent is not None:
             body["parent"] = parent
         reply = self._json("post", "/thaw/snapshots", body=body)
@@ -362,19 +372,24 @@ class RemoteChat:
             reply["id"], int(reply["num_tokens"]), int(reply["num_snapshot_tokens"]), int(reply["nbytes"])
         )
 
-    def fork(self, prefix: Any, parent: thaw_agents.ForkHandle | None = None) -> thaw_agents.ForkHandle:
+    def fork(
+        self,
+        prefix: Any,
+        parent: thaw_agents.ForkHandle | None = None,
+        tools: Sequence[Any] | None = None,
+    ) -> thaw_agents.ForkHandle:
         """``thaw_agents.fork`` for a served engine: snapshot there, then fetch it into the local store.
 
         A parent the server lacks is uploaded first.
         """
         parent_id = parent.id if parent is not None else None
         try:
-            made = self.snapshot(prefix, parent_id)
+            made = self.snapshot(prefix, parent_id, tools)
         except thaw_agents.SnapshotNotFoundError:
             if parent is None:
                 raise
             self.push(parent)
-            made = self.snapshot(prefix, parent_id)
+            made = self.snapshot(prefix, parent_id, tools)
         return self.fetch(made.id)
 
     def _has(self, snapshot_id: str) -> bool:

@@ -7,6 +7,7 @@ import warnings
 from typing import Any, NamedTuple
 
 import thaw_agents
+import thaw_agents.chat
 
 # Fields that map one to one onto vllm.SamplingParams, settable per ChatThaw and per call.
 SAMPLING_FIELDS = (
@@ -22,6 +23,8 @@ SAMPLING_FIELDS = (
 
 __all__ = [
     "SAMPLING_FIELDS",
+    "ChatRequest",
+    "chat_request",
     "is_validation_error",
     "local_tokenizer",
     "prompt_token_ids",
@@ -42,30 +45,30 @@ def is_validation_error(exc: BaseException) -> bool:
 
 
 class ChatRequest(NamedTuple):
-    chat: list[dict[str, Any]]
+    chat: list[dict[str, Any]]  # OpenAI-style chat dicts (thaw_agents.chat.to_openai_messages)
     tools: list[dict[str, Any]]
     tool_choice: Any
     structured: dict[str, Any] | None
-    forced: bool  # a tool call is forced: decoded under its JSON schema
+    forced: bool  # tool calls are forced: decoded under their JSON schema
+    single_call: bool  # parallel_tool_calls=False: at most one call is read
 
 
 def chat_request(messages: list[Any], kwargs: dict[str, Any]) -> ChatRequest:
     """The chat dicts, tools, tool choice and structured-output spec of one call, the same for
-    the in-process and the remote ChatThaw: tools described in the system message, a forced
-    call decoded under its JSON schema."""
-    from ._messages import to_chat_dicts, with_tools
+    the in-process and the remote ChatThaw. The bound tools are rendered into the prompt even
+    with ``tool_choice="none"``, so the prompt starts as a trunk forked with those tools does;
+    forced calls are decoded under their JSON schema."""
     from ._tools import forced_call_schema
 
     tools: list[dict[str, Any]] = kwargs.get("tools") or []
     tool_choice = kwargs.get("tool_choice")
+    parallel = kwargs.get("parallel_tool_calls")
     structured = kwargs.get("structured_outputs")
-    forced = forced_call_schema(tools, tool_choice) if tools and tool_choice != "none" else None
+    forced = forced_call_schema(tools, tool_choice, parallel)
     if forced is not None:
         structured = {"json": forced}
-    chat = to_chat_dicts(messages)
-    if tools and tool_choice != "none":
-        chat = with_tools(chat, tools)
-    return ChatRequest(chat, tools, tool_choice, structured, forced is not None)
+    chat = thaw_agents.chat.to_openai_messages(messages)
+    return ChatRequest(chat, tools, tool_choice, structured, forced is not None, parallel is False)
 
 
 def sampling_params(
@@ -93,14 +96,12 @@ def sampling_params(
         raise thaw_agents.ConfigError(f"invalid sampling parameters: {exc}") from exc
 
 
-async def prompt_token_ids(engine: Any, chat: list[dict[str, Any]]) -> list[int]:
-    """The prompt's tokens as vLLM's chat path renders them (with the generation prompt)."""
-    from vllm.renderers import ChatParams
-
-    _, prompts = await engine.renderer.render_chat_async(
-        [chat], ChatParams(chat_template_kwargs={"add_generation_prompt": True})
-    )
-    return list(prompts[0]["prompt_token_ids"])
+async def prompt_token_ids(
+    engine: Any, messages: list[Any], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """A call's prompt tokens through the engine's renderer, with the generation prompt; a
+    trunk forked from the same messages and tools is its prefix (:mod:`thaw_agents.chat`)."""
+    return await thaw_agents.chat.arender(engine.renderer, messages, tools, add_generation_prompt=True)
 
 
 def resolve_fork(fork: Any) -> thaw_agents.ForkHandle | None:

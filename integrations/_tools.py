@@ -11,9 +11,18 @@ from typing import Any
 
 from langchain_core.messages.tool import InvalidToolCall, ToolCall
 
-__all__ = ["forced_call_schema", "parse_forced_call", "parse_hermes_calls", "parse_tool_calls"]
+__all__ = [
+    "forced_call_schema",
+    "keep_first_call",
+    "parse_forced_call",
+    "parse_hermes_calls",
+    "parse_tool_calls",
+]
 
 logger = logging.getLogger(__name__)
+
+# (content, calls, invalid calls): what every tool-call reader returns.
+Read = tuple[str, list[ToolCall], list[InvalidToolCall]]
 
 
 def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
@@ -27,17 +36,31 @@ def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def forced_call_schema(tools: Sequence[dict[str, Any]], tool_choice: Any) -> dict[str, Any] | None:
-    """The JSON schema a forced tool call must match, or None when the model may answer freely.
+def forced_call_schema(
+    tools: Sequence[dict[str, Any]], tool_choice: Any, parallel_tool_calls: bool | None = None
+) -> dict[str, Any] | None:
+    """The JSON schema forced tool calls must match, or None when the model may answer freely.
 
-    ``tool_choice``: ``"auto"``/None (free), ``"none"``, ``"required"``/``"any"``/True (one of the
-    tools), a tool name, or ``{"type": "function", "function": {"name": ...}}``.
+    ``tool_choice``: ``"auto"``/None (free), ``"none"``, ``"required"``/``"any"``/True (at least
+    one call of the tools: a JSON array of calls, as vLLM's server forces it, of exactly one
+    when ``parallel_tool_calls`` is False), a tool name or
+    ``{"type": "function", "function": {"name": ...}}`` (one call of that tool).
+
+    Example:
+        >>> tool = {"type": "function", "function": {"name": "now"}}
+        >>> forced_call_schema([tool], "required")["minItems"]
+        1
+        >>> forced_call_schema([tool], "now")["properties"]["name"]
+        {'type': 'string', 'enum': ['now']}
     """
     if not tools or tool_choice in (None, "auto", "none", False):
         return None
     if tool_choice in ("required", "any", True):
         choices = [_call_schema(t) for t in tools]
-        return choices[0] if len(choices) == 1 else {"anyOf": choices}
+        one = choices[0] if len(choices) == 1 else {"anyOf": choices}
+        if parallel_tool_calls is False:
+            return one
+        return {"type": "array", "items": one, "minItems": 1}
     name = tool_choice
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
@@ -48,15 +71,46 @@ def forced_call_schema(tools: Sequence[dict[str, Any]], tool_choice: Any) -> dic
 
 
 def parse_forced_call(text: str) -> tuple[list[ToolCall], list[InvalidToolCall]]:
-    """A constrained-decoding output ``{"name", "arguments"}`` as a tool call."""
+    """A constrained-decoding output (one ``{"name", "arguments"}`` object or an array of them)
+    as tool calls.
+
+    Example:
+        >>> call = '{"name": "now", "arguments": {}}'
+        >>> len(parse_forced_call(f"[{call}, {call}]")[0])
+        2
+    """
     try:
         data = json.loads(text)
-        call = ToolCall(name=data["name"], args=dict(data["arguments"]), id=_call_id(), type="tool_call")
-        return [call], []
+        items = data if isinstance(data, list) else [data]
+        calls = [
+            ToolCall(name=item["name"], args=dict(item["arguments"]), id=_call_id(), type="tool_call")
+            for item in items
+        ]
+        if not calls:
+            raise ValueError("no call in the output")
+        return calls, []
     except (ValueError, KeyError, TypeError) as exc:
         return [], [
             InvalidToolCall(name=None, args=text, id=_call_id(), error=str(exc), type="invalid_tool_call")
         ]
+
+
+def keep_first_call(read: Read) -> Read:
+    """``parallel_tool_calls=False`` for calls read from free text: the first call only.
+
+    (Forced calls need no trimming: their schema allows one.) The model's text is not cut,
+    the calls after the first are dropped, as vLLM's server does.
+
+    Example:
+        >>> call = ToolCall(name="now", args={}, id="1", type="tool_call")
+        >>> len(keep_first_call(("", [call, call], []))[1])
+        1
+    """
+    content, calls, invalid = read
+    if len(calls) + len(invalid) <= 1:
+        return read
+    logger.debug("parallel_tool_calls=False: keeping the first of %d calls", len(calls) + len(invalid))
+    return (content, calls[:1], []) if calls else (content, [], invalid[:1])
 
 
 def _call_id() -> str:

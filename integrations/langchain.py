@@ -13,7 +13,7 @@ from langchain_core.language_models import BaseChatModel, LangSmithParams, Langu
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableBinding
 from langchain_core.tools import BaseTool
 from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -88,6 +88,27 @@ class ChatThaw(BaseChatModel):
 
             llm.bind_tools([add], tool_choice="any").invoke("What is 2 + 3?").tool_calls
 
+        The tools go into the prompt through the model's chat template when it takes tools,
+        otherwise in the Hermes convention (described in the system message; SmolLM2's
+        template is such a one), with tool calls and tool results of the history; see
+        :mod:`thaw_agents.chat`. ``tool_choice``: ``"auto"`` (default) lets the model answer or
+        call, read by ``tool_parser``; ``"required"``/``"any"`` forces one or more calls, a tool
+        name exactly one call of it, both by constrained decoding; ``"none"`` reads no calls.
+        ``parallel_tool_calls=False`` allows one call at most: a forced call's schema allows
+        one, and of calls read from free text the first is kept.
+
+        A trunk for tool-calling branches is forked with the same tools, so that every branch's
+        prompt starts with the trunk's tokens:
+
+        .. code-block:: python
+
+            agent = llm.bind_tools([add])
+            handle = thaw_agents.fork(agent, history)   # or thaw_agents.fork(llm, history, tools=[add])
+            agent.invoke(history + [("human", "And 4 + 5?")], fork=handle)
+
+        ``fork_sends(agent, ...)`` and ``fork_fanout(agent, ...)`` (LangGraph) fork the bound
+        model's trunk the same way.
+
     Structured output:
         .. code-block:: python
 
@@ -122,11 +143,12 @@ class ChatThaw(BaseChatModel):
         Everything above works the same; ``langchain-openai``'s ``ChatOpenAI`` does the HTTP and
         the fork travels as ``extra_body={"kv_transfer_params": {"thaw": {"snapshot_id": id}}}``.
         What differs: the model is the server's (``model=None`` asks it); ``engine_kwargs`` are
-        ``thaw-agents serve`` options instead (a ConfigError here); the messages are rendered by
-        the served chat template from the same chat dicts as in-process, tools included (they
-        are described in the system message; the request carries no ``tools`` field, so a
-        template's own tool format is not used), and free-text tool calls are read on the client
-        in the Hermes convention only (``tool_parser`` must stay ``"hermes"``); whitespace inside
+        ``thaw-agents serve`` options instead (a ConfigError here); the messages and tools are
+        always written in the Hermes convention before the served chat template renders them
+        (the client cannot see whether that template takes tools; the request carries no
+        ``tools`` field), the same for a call and for ``thaw_agents.fork(llm, ..., tools=...)``,
+        and free-text tool calls are read on the client in the Hermes convention only
+        (``tool_parser`` must stay ``"hermes"``); whitespace inside
         guided JSON follows the server's ``--structured-outputs-config``; ``timeout`` and
         ``max_retries`` go to the OpenAI client. A fork id the server lacks (404) prefills with
         a warning; a local ForkHandle it lacks is uploaded first. ``ForkHandle.hydrate`` and
@@ -209,6 +231,11 @@ class ChatThaw(BaseChatModel):
         return None if self.base_url is None else self._remote_chat().fork
 
     # -- LangChain plumbing ---------------------------------------------------------------
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        """True: ``dumpd(llm)`` gives the constructor fields, the API key as a secret reference."""
+        return True
+
     @property
     def lc_secrets(self) -> dict[str, str]:
         return {"api_key": "THAW_AGENTS_API_KEY"}
@@ -384,13 +411,26 @@ class ChatThaw(BaseChatModel):
         tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
         *,
         tool_choice: dict | str | bool | None = None,
+        parallel_tool_calls: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Bind tools; ``tool_choice`` "any"/"required"/a name forces a call by constrained decoding."""
+        """Bind tools (see "Tool calling" in the class docstring).
+
+        Args:
+            tools: OpenAI tool dicts, LangChain tools, pydantic models or typed functions.
+            tool_choice: ``"auto"``/None, ``"none"``, ``"required"``/``"any"`` (one or more
+                forced calls), or a tool name (one forced call of it).
+            parallel_tool_calls: False allows at most one call per reply; None/True allow several.
+
+        Example:
+            >>> agent = ChatThaw().bind_tools([add], tool_choice="required")   # doctest: +SKIP
+        """
         formatted = [convert_to_openai_tool(t) for t in tools]
         if tool_choice is not None:
             forced_call_schema(formatted, tool_choice)  # validate the name now
-        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
+        return _BoundChatThaw(bound=self, kwargs={"tools": formatted, "tool_choice": tool_choice, **kwargs})
 
     def with_structured_output(
         self,
@@ -413,7 +453,32 @@ class ChatThaw(BaseChatModel):
         return list(local_tokenizer(self._engine_args()["model"]).encode(text))
 
     # -- forks ----------------------------------------------------------------------------
-    def _thaw_adapter(self) -> Any:
+    def _thaw_adapter(self, tools: Sequence[dict[str, Any]] | None = None) -> Any:
         from ._fork_adapter import ChatThawAdapter, RemoteAdapter
 
-        return ChatThawAdapter(self) if self.base_url is None else RemoteAdapter(self)
+        return ChatThawAdapter(self, tools) if self.base_url is None else RemoteAdapter(self)
+
+
+class _BoundChatThaw(RunnableBinding):
+    """What ``ChatThaw.bind_tools`` returns: a ``RunnableBinding`` that ``thaw_agents.fork`` (and
+    LangGraph's ``fork_sends``/``fork_fanout``) sees with its tools, so a trunk forked through it
+    is rendered as its calls are. It serialises as a plain ``RunnableBinding``."""
+
+    @classmethod
+    def lc_id(cls) -> list[str]:
+        return RunnableBinding.lc_id()
+
+    def _thaw_adapter(self) -> Any:
+        return self.bound._thaw_adapter(self.kwargs.get("tools"))
+
+    @property
+    def _thaw_remote_fork(self) -> Callable[..., thaw_agents.ForkHandle] | None:
+        remote_fork = self.bound._thaw_remote_fork
+        if remote_fork is None:
+            return None
+        bound_tools = self.kwargs.get("tools")
+
+        def fork(prefix: Any, parent: Any = None, tools: Any = None) -> thaw_agents.ForkHandle:
+            return remote_fork(prefix, parent=parent, tools=bound_tools if tools is None else tools)
+
+        return fork

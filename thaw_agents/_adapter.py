@@ -40,7 +40,7 @@ class EngineAdapter(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
-    def prefix_token_ids(self, prefix: Prefix) -> list[int]: ...
+    def prefix_token_ids(self, prefix: Prefix, tools: Sequence[Any] | None = None) -> list[int]: ...
 
     def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> Any:
         """Run ``token_ids`` as a prompt for one token."""
@@ -65,23 +65,18 @@ def _describe_reply(replies: list[Any]) -> dict[str, Any]:
 
 
 def _is_messages(prefix: Any) -> bool:
+    """Chat messages: dicts, LangChain messages (they have a ``type``) or ``(role, text)`` pairs."""
     return (
         isinstance(prefix, Sequence)
         and not isinstance(prefix, str)
         and bool(prefix)
-        and all(isinstance(m, dict) or hasattr(m, "type") for m in prefix)
+        and all(
+            isinstance(m, dict)
+            or hasattr(m, "type")
+            or (isinstance(m, tuple) and len(m) == 2 and all(isinstance(x, str) for x in m))
+            for m in prefix
+        )
     )
-
-
-def _as_message_dicts(messages: Sequence[Any]) -> list[dict[str, Any]]:
-    out = []
-    for message in messages:
-        if isinstance(message, dict):
-            out.append(message)
-        else:  # a langchain BaseMessage: keep role and text only
-            role = {"human": "user", "ai": "assistant"}.get(message.type, message.type)
-            out.append({"role": role, "content": message.content})
-    return out
 
 
 class LLMAdapter:
@@ -103,19 +98,15 @@ class LLMAdapter:
             self._reply = _describe_reply(list(replies))
         return self._reply
 
-    def prefix_token_ids(self, prefix: Prefix) -> list[int]:
+    def prefix_token_ids(self, prefix: Prefix, tools: Sequence[Any] | None = None) -> list[int]:
         if isinstance(prefix, str):
             return list(self._llm.get_tokenizer().encode(prefix))
         if _is_messages(prefix):
-            from vllm.renderers import ChatParams
+            from .chat import render
 
-            # The same renderer vLLM's chat path uses, without the generation prompt, so a
-            # later chat request with more messages starts with exactly these tokens.
-            _, prompts = self._llm.renderer.render_chat(
-                [_as_message_dicts(prefix)],
-                ChatParams(chat_template_kwargs={"add_generation_prompt": False}),
-            )
-            return list(prompts[0]["prompt_token_ids"])
+            # ChatThaw renders a call the same way, with the generation prompt: its prompt
+            # starts with exactly these tokens when it carries these messages and tools.
+            return render(self._llm.renderer, prefix, tools, add_generation_prompt=False)
         if isinstance(prefix, Sequence) and all(isinstance(t, int) for t in prefix):
             return list(prefix)
         raise ConfigError("prefix must be a string, a list of token ids, or a list of chat messages")
@@ -175,8 +166,10 @@ class _Normalised:
         """The engine connector's snapshot store (where it reads and writes by id)."""
         return Path(self.describe()["store"])
 
-    def prefix_token_ids(self, prefix: Prefix) -> list[int]:
-        return self._inner.prefix_token_ids(prefix)
+    def prefix_token_ids(self, prefix: Prefix, tools: Sequence[Any] | None = None) -> list[int]:
+        if tools is None:  # a front that renders no tools (the server's) takes the prefix alone
+            return self._inner.prefix_token_ids(prefix)
+        return self._inner.prefix_token_ids(prefix, tools)
 
     def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> PrefixRun:
         run = self._inner.run_prefix(token_ids, kv_transfer_params)

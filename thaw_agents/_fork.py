@@ -317,7 +317,9 @@ def _handle_from_chain(paths: list[Path], manifests: list[KVManifest]) -> ForkHa
     )
 
 
-def fork(engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None) -> ForkHandle:
+def fork(
+    engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None, tools: Sequence[Any] | None = None
+) -> ForkHandle:
     """Snapshot the KV of ``prefix`` in ``engine`` and return its handle.
 
     The prefix is computed once if the engine has not cached it yet (a one-token request);
@@ -329,18 +331,24 @@ def fork(engine: Any, prefix: Prefix, *, parent: ForkHandle | None = None) -> Fo
         prefix: a prompt string, token ids, or chat messages (rendered with the model's chat
             template as vLLM's chat path renders them, without a generation prompt).
         parent: a handle whose tokens ``prefix`` starts with.
+        tools: the tools the branches will bind (OpenAI tool dicts, LangChain tools, pydantic
+            models or functions), rendered into a message prefix as a tool-calling call renders
+            them. Fork with the tools the branches bind: with other tools (or none) a branch's
+            prompt leaves the trunk's in the system message and the snapshot serves almost none of it.
+            A ChatThaw with bound tools (``llm.bind_tools(tools)``) forks with them already.
 
     Example:
         >>> trunk = fork(llm, [{"role": "system", "content": diff}])     # doctest: +SKIP
+        >>> agent = fork(llm, history, tools=[get_weather])             # doctest: +SKIP
         >>> child = trunk.fork(llm, " and the reviewer said")            # doctest: +SKIP
     """
     remote_fork = getattr(engine, "_thaw_remote_fork", None)
     if remote_fork is not None:  # a front whose engine is on a server (ChatThaw(base_url=...))
-        return remote_fork(prefix, parent=parent)
+        return remote_fork(prefix, parent=parent, tools=tools)
     adapter = adapter_for(engine)
     spec = adapter.kv_spec()
     store = adapter.store()
-    tokens = adapter.prefix_token_ids(prefix)
+    tokens = adapter.prefix_token_ids(prefix, tools)
     if not tokens:
         raise ConfigError("the prefix is empty")
     bs = spec.block_size
