@@ -87,47 +87,61 @@ def main() -> None:
         del host, dev
         ids_pool = list(range(600))
         table = []
-        for readers in (8, 12, 16):
-            for chunk_mib in (8, 16, 32):
-                slots = max(4, min(32, (256 // chunk_mib)))
-                loader = CudaBlockLoader(0, chunk_nbytes=chunk_mib << 20, slots=slots, threads=readers)
-                loader.reserve(row)
-                times, ok = [], True
-                for rep in range(args.reps + 1):
-                    ids = [int(x) for x in np.random.default_rng(rep).permutation(ids_pool)[:n]]
-                    fd = os.open(path, os.O_RDONLY)
-                    t = time.perf_counter()
-                    complete, got = loader.load(fd, offsets, row, layers, ids, BlockLayout())
-                    elapsed = time.perf_counter() - t
-                    os.close(fd)
-                    ok = ok and all(complete) and got == digests
-                    if rep:
-                        times.append(elapsed)
-                loader.close()
-                ms = statistics.median(times) * 1e3
-                entry = {
-                    "readers": readers,
-                    "chunk_mib": chunk_mib,
-                    "slots": slots,
-                    "ms": ms,
-                    "all_ms": [x * 1e3 for x in times],
-                    "gbps": n * row / statistics.median(times) / 1e9,
-                    "digests_ok": ok,
-                }
-                results["settings"].append(entry)
-                table.append([readers, chunk_mib, slots, ms, entry["gbps"], "yes" if ok else "NO"])
+        sweep = [
+            (readers, chunk_mib, piece_mib)
+            for readers in (8, 16)
+            for chunk_mib in (16, 32, 64)
+            for piece_mib in (2, 8)
+            if piece_mib <= chunk_mib
+        ]
+        for readers, chunk_mib, piece_mib in sweep:
+            slots = max(4, min(32, (256 // chunk_mib)))
+            loader = CudaBlockLoader(
+                0,
+                chunk_nbytes=chunk_mib << 20,
+                slots=slots,
+                threads=readers,
+                piece_nbytes=piece_mib << 20,
+            )
+            loader.reserve(row)
+            times, ok = [], True
+            for rep in range(args.reps + 1):
+                ids = [int(x) for x in np.random.default_rng(rep).permutation(ids_pool)[:n]]
+                fd = os.open(path, os.O_RDONLY)
+                t = time.perf_counter()
+                complete, got = loader.load(fd, offsets, row, layers, ids, BlockLayout())
+                elapsed = time.perf_counter() - t
+                os.close(fd)
+                ok = ok and all(complete) and got == digests
+                if rep:
+                    times.append(elapsed)
+            loader.close()
+            ms = statistics.median(times) * 1e3
+            entry = {
+                "readers": readers,
+                "chunk_mib": chunk_mib,
+                "piece_mib": piece_mib,
+                "slots": slots,
+                "ms": ms,
+                "all_ms": [x * 1e3 for x in times],
+                "gbps": n * row / statistics.median(times) / 1e9,
+                "digests_ok": ok,
+            }
+            results["settings"].append(entry)
+            table.append([readers, chunk_mib, piece_mib, slots, ms, entry["gbps"], "yes" if ok else "NO"])
         print(
             f"pinned H2D {results['pinned_h2d_ms']:.1f} ms; pread 8 threads "
             f"{results['pread_8_threads_ms']:.1f} ms, 16 threads {results['pread_16_threads_ms']:.1f} ms"
         )
-        print_table(["readers", "chunk MiB", "slots", "ms", "GB/s", "digests ok"], table)
+        print_table(["readers", "chunk MiB", "piece MiB", "slots", "ms", "GB/s", "digests ok"], table)
         best = min((s for s in results["settings"] if s["digests_ok"]), key=lambda s: s["ms"])
         results["best"] = best
         args.out.write_text(json.dumps(results, indent=1))
         if args.env_out:
             args.env_out.write_text(
                 f"export THAW_AGENTS_KV_READERS={best['readers']} "
-                f"THAW_AGENTS_KV_CHUNK_MIB={best['chunk_mib']} THAW_AGENTS_KV_SLOTS={best['slots']}\n"
+                f"THAW_AGENTS_KV_CHUNK_MIB={best['chunk_mib']} THAW_AGENTS_KV_SLOTS={best['slots']} "
+                f"THAW_AGENTS_KV_PIECE_MIB={best['piece_mib']}\n"
             )
         print("best", best)
     finally:
