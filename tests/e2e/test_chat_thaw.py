@@ -111,21 +111,55 @@ def test_tool_parser_reads_scripted_text(chat: ChatThaw) -> None:
     assert invalid == [] and "Let me check." in content
 
 
-def test_tool_history_reaches_the_prompt(chat: ChatThaw) -> None:
-    from thaw_agents.integrations._messages import to_chat_dicts, with_tools
-
-    history = [
-        HumanMessage("Weather in Oslo?"),
-        AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": "Oslo", "unit": "c"}, "id": "1"}]),
-        ToolMessage("20 degrees c in Oslo", tool_call_id="1", name="get_weather"),
+def _tool_history(trunk_text: str, tag: str) -> list:
+    """A conversation with one tool call and its (long) result, unique per ``tag``."""
+    call = {"name": "get_weather", "args": {"city": "Oslo", "unit": "celsius"}, "id": "call_1"}
+    return [
+        SystemMessage(f"You are a weather assistant ({tag})."),
+        HumanMessage("Weather in Oslo? Also read the attached notes."),
+        AIMessage("", tool_calls=[call]),
+        ToolMessage(f"20 degrees celsius in Oslo. Notes: {trunk_text}", tool_call_id="call_1"),
+        AIMessage("It is 20 degrees celsius in Oslo."),
     ]
-    from langchain_core.utils.function_calling import convert_to_openai_tool
 
-    chat_dicts = with_tools(to_chat_dicts(history), [convert_to_openai_tool(get_weather)])
-    assert chat_dicts[0]["role"] == "system" and "get_weather" in chat_dicts[0]["content"]
-    assert "<tool_call>" in chat_dicts[2]["content"] and "20 degrees" in chat_dicts[3]["content"]
-    reply = chat.bind_tools([get_weather]).invoke(history)
-    assert isinstance(reply, AIMessage)
+
+def test_required_tool_choice_returns_valid_calls(chat: ChatThaw) -> None:
+    """``tool_choice="required"``: one or more calls, each matching the schema; with
+    ``parallel_tool_calls=False`` exactly one."""
+    several = chat.bind_tools([get_weather], tool_choice="required").invoke("Weather in Oslo?", max_tokens=80)
+    assert several.tool_calls and several.invalid_tool_calls == []
+    assert all(set(c["args"]) == {"city", "unit"} for c in several.tool_calls)
+    one = chat.bind_tools([get_weather], tool_choice="required", parallel_tool_calls=False)
+    message = one.invoke("Weather in Oslo?", max_tokens=60)
+    assert len(message.tool_calls) == 1 and message.tool_calls[0]["name"] == "get_weather"
+
+
+def test_fork_of_a_tool_history_serves_chatthaw_every_snapshot_token(
+    chat: ChatThaw, llm, trunk_text: str
+) -> None:
+    """fork(vllm.LLM, history as OpenAI dicts) and ChatThaw (LangChain messages) render the
+    same tokens: ChatThaw's engine loads the whole snapshot of the tool-call history."""
+    from langchain_core.messages import convert_to_openai_messages
+
+    history = _tool_history(trunk_text, "history")
+    handle = thaw_agents.fork(llm, convert_to_openai_messages(history))
+    assert handle.num_snapshot_tokens >= 1024
+    message = chat.invoke([*history, HumanMessage("And tomorrow?")], fork=handle.id, max_tokens=2)
+    assert message.usage_metadata["input_token_details"]["cache_read"] >= handle.num_snapshot_tokens
+
+
+def test_tool_calling_branch_from_a_trunk_forked_with_the_same_tools(
+    chat: ChatThaw, llm, trunk_text: str
+) -> None:
+    """A trunk forked with the tools a branch binds serves the branch every full block; the
+    bound model forks with its tools just as fork(..., tools=) does."""
+    trunk = _tool_history(trunk_text, "tools")
+    agent = chat.bind_tools([get_weather], tool_choice="get_weather")
+    handle = thaw_agents.fork(llm, trunk, tools=[get_weather])  # another engine: the snapshot serves it
+    message = agent.invoke([*trunk, HumanMessage("And in Bergen?")], fork=handle.id, max_tokens=60)
+    assert message.usage_metadata["input_token_details"]["cache_read"] >= handle.num_snapshot_tokens
+    assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
+    assert thaw_agents.fork(agent, trunk).token_ids == handle.token_ids
 
 
 class Rating(BaseModel):
