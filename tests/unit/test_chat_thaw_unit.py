@@ -1,49 +1,14 @@
-"""LangChain's standard unit suite for ChatThaw (construction only: no engine starts here)."""
+"""ChatThaw without an engine: construction, tool binding, forced-call schemas, serialisation.
+
+(LangChain's standard unit suite is in tests/unit_tests.)
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-import pytest
 from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
-from langchain_tests.unit_tests import ChatModelUnitTests
 
 from thaw_agents.integrations.langchain import ChatThaw
-
-
-class TestChatThawUnit(ChatModelUnitTests):
-    @property
-    def chat_model_class(self) -> type[ChatThaw]:
-        return ChatThaw
-
-    @property
-    def chat_model_params(self) -> dict:
-        return {"temperature": 0}
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        # One engine serves one model; a per-call model name would be a lie.
-        return False
-
-    @property
-    def init_from_env_params(self) -> tuple[dict, dict, dict]:
-        return {"THAW_AGENTS_API_KEY": "test"}, {}, {"api_key": "test"}
-
-    @pytest.mark.xfail(
-        reason="LangChain's load(allowed_objects='all') admits only its own partner classes; "
-        "test_serialisation_keeps_the_api_key_out does the round trip with ChatThaw allowed"
-    )
-    def test_serdes(self, model: ChatThaw, snapshot: Any) -> None:
-        super().test_serdes(model, snapshot)
 
 
 def test_construction_is_cheap_and_side_effect_free() -> None:
