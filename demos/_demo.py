@@ -1,62 +1,204 @@
-"""Shared by the demo scripts: fresh-process phases, timed generation on ``vllm.LLM``, tables.
+"""Shared by the demo scripts: a quiet terminal, progress for the waits, phases, timed generation, tables.
 
-Not a library: the demos import it as a sibling module (``import _demo``) and it prints nothing.
+Not a library: the demos import it as a sibling module (``import _demo``). Output goes to the
+person at the terminal: a few lines on what runs, a spinner with the elapsed time for each wait,
+then ``rich`` tables. vLLM's own log lines go to a file (named once) unless ``-v``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import copy
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 # Small engines: several may run on one machine (each default-model engine holds ~4.5 GiB).
 ENGINE_KWARGS: dict[str, Any] = {"kv_cache_memory_bytes": 512 << 20, "max_model_len": 4096}
 # An unrelated prompt run once before anything is timed: the first forward passes of a fresh
 # engine pay one-off costs (allocations, kernel selection) that are neither prefill nor thaw.
 WARM_UP_TEXT = "Warm-up request. " + " ".join(f"item {i} is number {i * 7 % 13}." for i in range(60))
+# Piped output (a log, a test) gets wide lines: a table is never wrapped to 80 columns there.
+console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+# A phase process reports progress to the demo on its stdout with this prefix (see ``report``).
+_PROGRESS = "@thaw-demo-progress@ "
+_LOG: Path | None = None  # vLLM's log file, when the demo is quiet
+MODEL_NOTE = (
+    "The default model, SmolLM2-135M-Instruct, is a 135M model for a CPU: weak replies, real counts "
+    "and times. A bigger one: --model Qwen/Qwen2.5-1.5B-Instruct (any Hugging Face id or folder)."
+)
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """``-v``: vLLM's log lines on the terminal instead of in a file."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show vLLM's log lines here (default: a log file)"
+    )
+
+
+def quiet_engine_logs(name: str, verbose: bool) -> Path | None:
+    """Unless ``verbose``, send vLLM's logs (here and in child processes) to a file; say where once."""
+    if verbose:
+        return None
+    from thaw_agents._logfile import send_vllm_logs_to_file
+
+    global _LOG
+    _LOG = send_vllm_logs_to_file(name)
+    console.print(f"[dim]vLLM's log: {_LOG} (-v shows it here)[/dim]")
+    return _LOG
+
+
+@contextlib.contextmanager
+def _stderr_to_log() -> Iterator[None]:
+    """While quiet, what the engine writes straight to stderr (C++ warnings, loading bars) goes to
+    the log; an exception raised inside is printed after stderr is back."""
+    if _LOG is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(_LOG, "a") as sink:
+        os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def intro(lines: Sequence[str]) -> None:
+    """What the demo does, in a few lines."""
+    for line in lines:
+        console.print(line)
+    console.print()
+
+
+def model_note(model: str | None) -> None:
+    """After the replies: with the default model, one line on what it is and how to run a bigger one."""
+    if model is None:
+        console.print(f"\n[dim]{MODEL_NOTE}[/dim]")
+
+
+@contextlib.contextmanager
+def step(text: str, total: int | None = None) -> Iterator[Any]:
+    """A spinner and the elapsed time while the block runs, then one line with how long it took.
+
+    Yields a callable ``advance(note="")`` for work with ``total`` parts (branches, rollouts).
+    """
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.fields[count]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    done = [0]
+    task = progress.add_task(escape(text), total=total, count="")
+
+    def advance(note: str = "") -> None:
+        done[0] += 1
+        count = f"{done[0]}/{total}" if total else ""
+        progress.update(task, count=f"{count} {note}".strip())
+
+    started = time.perf_counter()
+    # Piped output gets no live display (it would leave blank lines); the line after says enough.
+    with progress if console.is_terminal else contextlib.nullcontext(), _stderr_to_log():
+        yield advance
+    console.print(f"[green]✓[/green] {escape(text)} [dim]({time.perf_counter() - started:.1f} s)[/dim]")
+
+
+def report(text: str) -> None:
+    """From a phase process: tell the demo's spinner what this phase is doing now."""
+    print(_PROGRESS + text, flush=True)
+
+
+def clip(text: str, width: int = 240) -> str:
+    """One line of at most ``width`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def print_replies(title: str, replies: Sequence[tuple[str, str]]) -> None:
+    """Labelled replies, one clipped line each."""
+    console.print(f"\n[bold]{title}[/bold]")
+    for label, text in replies:
+        console.print(f"  [cyan]{escape(label)}[/cyan] {escape(clip(text)) or '(empty)'}")
 
 
 class PhaseError(RuntimeError):
     """A phase process failed; carries the tail of its output."""
 
 
-def run_phase(script: str, args: Sequence[str], *, timeout: float = 900) -> dict[str, Any]:
+def run_phase(
+    script: str, args: Sequence[str], *, label: str, timeout: float = 900, log: Path | None = None
+) -> dict[str, Any]:
     """Run ``script --phase-out FILE *args`` in a fresh Python process; return the JSON it wrote.
 
-    vLLM's own log lines go to the child's captured output and are shown only on failure.
+    A spinner labelled ``label`` shows the phase's ``report`` lines as they come. Its other output
+    (vLLM's lines that bypass logging, warnings) is appended to ``log`` when given, else shown
+    only on failure.
     """
     with tempfile.TemporaryDirectory(prefix="thaw-demo-") as tmp:
         out = Path(tmp) / "phase.json"
         cmd = [sys.executable, script, "--phase-out", str(out), *args]
-        env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+        env = {**os.environ}
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         load_before = os.getloadavg()[0]
         started = time.perf_counter()
-        # Its own process group: on a timeout the phase and any engine process it started go.
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-        )
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except BaseException as exc:  # a timeout, or Ctrl-C in the demo
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            if isinstance(exc, subprocess.TimeoutExpired):
-                raise PhaseError(f"{' '.join(args)}: no result after {timeout:.0f} s") from exc
-            raise
+        output: list[str] = []
+        with step(label) as _, contextlib.ExitStack() as stack:
+            sink = stack.enter_context(open(log, "a")) if log is not None else None
+            # Its own process group: on a timeout the phase and any engine process it started go.
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                start_new_session=True,
+            )
+
+            def pump() -> None:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    if line.startswith(_PROGRESS):
+                        console.print(f"  [dim]· {escape(line[len(_PROGRESS) :].strip())}[/dim]")
+                        continue
+                    output.append(line)
+                    if sink is not None:
+                        sink.write(line)
+
+            reader = threading.Thread(target=pump, daemon=True)
+            reader.start()
+            try:
+                proc.wait(timeout=timeout)
+            except BaseException as exc:  # a timeout, or Ctrl-C in the demo
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    raise PhaseError(f"{label}: no result after {timeout:.0f} s") from exc
+                raise
+            finally:
+                reader.join(timeout=10)
         if proc.returncode != 0 or not out.exists():
-            raise PhaseError(f"phase {' '.join(args)} failed (exit {proc.returncode}):\n{output[-4000:]}")
+            where = f" (its output is in {log})" if log is not None else ""
+            raise PhaseError(f"{label} failed (exit {proc.returncode}){where}:\n{''.join(output)[-4000:]}")
         result = json.loads(out.read_text())
         result.setdefault("load_avg", [load_before, os.getloadavg()[0]])
         result["process_s"] = time.perf_counter() - started
@@ -88,54 +230,29 @@ def timed_generate(
 ) -> tuple[list[dict[str, Any]], float]:
     """Run token-id prompts as one batch on a ``vllm.LLM``; per request: TTFT, cache and output.
 
-    The requests are added to the engine together and the engine is stepped here (what
+    The batch goes through thaw-agents' engine front, which steps the engine itself (what
     ``LLM.generate`` does inside), so each request's first-token time is seen as it happens.
     Returns the rows (in input order) and the batch's wall time.
     """
-    from vllm import TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
+    from thaw_agents.front import Request, front_for
 
-    engine = llm.llm_engine
-    inputs = llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=list(p)) for p in prompts])
-    tag = uuid.uuid4().hex[:8]
-    ids = [f"demo-{tag}-{i}" for i in range(len(prompts))]
-    first: dict[str, float] = {}
-    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
-    final: dict[str, Any] = {}
-    done: dict[str, float] = {}
+    requests = [Request(token_ids=p, params=sp) for p, sp in zip(prompts, params, strict=True)]
     start = time.perf_counter()
-    for rid, engine_input, sampling in zip(ids, inputs, params, strict=True):
-        sampling = copy.deepcopy(sampling)
-        sampling.output_kind = RequestOutputKind.DELTA  # one output per step: first tokens are seen
-        engine.add_request(rid, engine_input, sampling)
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            rid = output.request_id
-            new = output.outputs[0].token_ids if output.outputs else []
-            if new and rid not in first:
-                first[rid] = time.perf_counter() - start
-            tokens[rid].extend(new)
-            if output.finished:
-                final[rid] = output
-                done[rid] = time.perf_counter() - start
+    results = front_for(llm).generate(requests)
     wall = time.perf_counter() - start
-    tokenizer = llm.get_tokenizer()
     rows = []
-    for rid, prompt in zip(ids, prompts, strict=True):
-        output = final[rid]
-        completion = output.outputs[0]
-        cached = int(output.num_cached_tokens or 0)
-        token_ids = tokens[rid]
+    for result in results:
+        completion = result.completions[0]
         rows.append(
             {
-                "ttft_s": first.get(rid, wall),
-                "total_s": done[rid],
-                "prompt_tokens": len(prompt),
-                "cached_tokens": cached,
-                "prefilled_tokens": len(prompt) - cached,
-                "output_tokens": len(token_ids),
-                "token_ids": token_ids,
-                "text": tokenizer.decode(token_ids, skip_special_tokens=True),
+                "ttft_s": result.ttft_s if result.ttft_s is not None else result.total_s,
+                "total_s": result.total_s,
+                "prompt_tokens": result.num_prompt_tokens,
+                "cached_tokens": result.num_cached_tokens,
+                "prefilled_tokens": result.num_prompt_tokens - result.num_cached_tokens,
+                "output_tokens": len(completion.token_ids),
+                "token_ids": list(completion.token_ids),
+                "text": completion.text,
                 "finish_reason": completion.finish_reason,
             }
         )
@@ -148,27 +265,16 @@ def ms(seconds: float | None) -> str:
     return f"{seconds * 1e3:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
 
 
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """A plain-text table: first column left-aligned, the others right-aligned; None rows are rules."""
-    cells = [[str(h) for h in headers]] + [[str(v) for v in row] for row in rows if row is not None]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    rule = "  ".join("-" * w for w in widths)
-    print(f"\n{title}")
-    print(
-        "  ".join(
-            h.ljust(w) if i == 0 else h.rjust(w)
-            for i, (h, w) in enumerate(zip(cells[0], widths, strict=True))
-        )
-    )
-    print(rule)
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any] | None]) -> None:
+    """A ``rich`` table under a bold title: first column left, the others right; a None row starts
+    a new section."""
+    table = Table(show_edge=False, header_style="bold", pad_edge=False)
+    for index, header in enumerate(headers):
+        table.add_column(str(header), justify="left" if index == 0 else "right", no_wrap=True)
     for row in rows:
         if row is None:
-            print(rule)
-            continue
-        text = [str(v) for v in row]
-        print(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(text, widths, strict=True))
-            )
-        )
+            table.add_section()
+        else:
+            table.add_row(*(escape(str(v)) for v in row))
+    console.print(f"\n[bold]{escape(title)}[/bold]")
+    console.print(table)

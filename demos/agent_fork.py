@@ -20,7 +20,9 @@ between a prefill in one pass and the same KV computed turn by turn, so re-prefi
 
 Run (the default model on a CPU, about two minutes; ``--small`` for a smoke test)::
 
-    .venv/bin/python demos/agent_fork.py [--model PATH] [--small] [--json out.json]
+    .venv/bin/python demos/agent_fork.py [--model PATH] [--small] [--json out.json] [-v]
+
+``-v`` shows vLLM's log lines, which otherwise go to a file named at the start.
 
 The engines are kept small (512 MiB of KV cache, 4,096-token context); with a bigger model on a
 GPU, raise ``--kv-cache-mib``. ``--help`` lists the size options.
@@ -129,6 +131,7 @@ def phase_session(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     llm = make_engine(args)
     result: dict[str, Any] = {"engine_start_s": time.perf_counter() - started, "turns": []}
+    _demo.report(f"engine started in {result['engine_start_s']:.1f} s; the agent runs its session")
     _demo.warm_up(llm)
     messages: list[dict[str, str]] = []
     for message in SESSION:
@@ -139,6 +142,7 @@ def phase_session(args: argparse.Namespace) -> dict[str, Any]:
         reply = row["text"].strip() or "(no reply)"
         messages.append({"role": "assistant", "content": reply})
         result["turns"].append({k: row[k] for k in ("ttft_s", "prompt_tokens", "cached_tokens", "text")})
+    _demo.report(f"{len(result['turns'])} live turns done; forking and saving the conversation")
     fork_start = time.perf_counter()
     handle = thaw_agents.fork(llm, messages)
     fork_s = time.perf_counter() - fork_start
@@ -179,6 +183,7 @@ def phase_continue(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     llm = make_engine(args)
     result["engine_start_s"] = time.perf_counter() - started
+    _demo.report(f"engine started in {result['engine_start_s']:.1f} s; continuing the conversation")
     _demo.warm_up(llm)
     result["turns"] = continue_session(llm, messages, args, handle)
     if handle is not None:
@@ -219,16 +224,18 @@ def make_engine(args: argparse.Namespace) -> Any:
 # -- the orchestrating process -----------------------------------------------------------------
 def print_report(session: dict[str, Any], restore: dict[str, Any], base: dict[str, Any]) -> None:
     ms = _demo.ms
-    print(
+    out = _demo.console
+    out.print(
         f"\nsession: {session['messages']} messages ({len(session['turns'])} live model turns), "
         f"{session['conversation_tokens']} tokens; forked in {ms(session['fork_s'])}, saved "
         f"{session['snapshot_tokens']} tokens ({session['snapshot_bytes'] / 1e6:.1f} MB) "
         f"in {ms(session['save_s'])}"
     )
     for i, turn in enumerate(session["turns"]):
-        print(
+        out.print(
             f"  live turn {i + 1}: prompt {turn['prompt_tokens']}, from the session's prefix cache "
-            f"{turn['cached_tokens']}, TTFT {ms(turn['ttft_s'])}: {turn['text'].strip()[:160]!r}"
+            f"{turn['cached_tokens']}, TTFT {ms(turn['ttft_s'])}: {_demo.clip(turn['text'], 100)!r}",
+            markup=False,
         )
     rows: list[Any] = [
         ["load + verify snapshot", ms(restore["load_s"]), "-"],
@@ -251,19 +258,22 @@ def print_report(session: dict[str, Any], restore: dict[str, Any], base: dict[st
         rows,
     )
     first_r, first_b = restore["turns"][0], base["turns"][0]
-    print(
+    out.print(
         "\nTTFT of the first continued turn, restore / re-prefill: "
         f"{first_r['ttft_s'] / first_b['ttft_s']:.2f}"
     )
     original = [t["text"] for t in session["reference_turns"]]
-    print(
+    out.print(
         "restored replies equal the original session's own continuation: "
         f"{[r['text'] == o for r, o in zip(restore['turns'], original, strict=True)]}; "
-        f"re-prefill's: {[b['text'] == o for b, o in zip(base['turns'], original, strict=True)]}"
+        f"re-prefill's: {[b['text'] == o for b, o in zip(base['turns'], original, strict=True)]}",
+        markup=False,
     )
+    replies = []
     for turn in restore["turns"]:
-        print(f"  user: {turn['question']}\n  agent (restored): {turn['text'].strip()[:300]!r}")
-    print(_demo.load_note({"restore": restore, "re-prefill": base}))
+        replies += [("user:", turn["question"]), ("agent (restored):", turn["text"])]
+    _demo.print_replies("the continued conversation (clipped)", replies)
+    out.print(f"[dim]{_demo.load_note({'restore': restore, 're-prefill': base})}[/dim]")
 
 
 def main() -> None:
@@ -280,6 +290,7 @@ def main() -> None:
         "--workdir", help="keep the snapshot and messages here (default: a temporary directory)"
     )
     parser.add_argument("--json", help="write the results (all three processes) to this JSON file")
+    _demo.add_output_args(parser)
     parser.add_argument("--phase", choices=("session", "restore", "reprefill"), help=argparse.SUPPRESS)
     parser.add_argument("--snapshot", help=argparse.SUPPRESS)
     parser.add_argument("--phase-out", help=argparse.SUPPRESS)
@@ -292,6 +303,14 @@ def main() -> None:
         _demo.write_json(args.phase_out, run(args))
         return
 
+    log = _demo.quiet_engine_logs("agent-fork", args.verbose)
+    _demo.intro(
+        [
+            "[bold]Agent session fork[/bold]: an incident-response agent runs a session, which is forked "
+            "and saved to a file;",
+            "a new process restores it and continues; another new process re-prefills it instead.",
+        ]
+    )
     common = [f"--turns={args.turns}", f"--max-tokens={args.max_tokens}"]
     common += [f"--session-tokens={args.session_tokens}", f"--kv-cache-mib={args.kv_cache_mib}"]
     common += [f"--model={args.model}"] if args.model else []
@@ -305,9 +324,11 @@ def main() -> None:
             ("restore", "a new process restores the snapshot and continues"),
             ("reprefill", "a new process re-prefills the conversation and continues"),
         ):
-            print(f"{phase}: {what} ...", flush=True)
-            results[phase] = _demo.run_phase(__file__, [f"--phase={phase}", *common])
+            results[phase] = _demo.run_phase(
+                __file__, [f"--phase={phase}", *common], label=f"{phase}: {what}", log=log
+            )
     print_report(results["session"], results["restore"], results["reprefill"])
+    _demo.model_note(args.model)
     if args.json:
         _demo.write_json(args.json, {"args": vars(args), **results})
 

@@ -24,7 +24,9 @@ model's code yourself.
 
 Run (the default model on a CPU, a few minutes; ``--small`` for a smoke test)::
 
-    .venv/bin/python demos/parallel_agents.py [--model PATH] [--small] [--json out.json]
+    .venv/bin/python demos/parallel_agents.py [--model PATH] [--small] [--json out.json] [-v]
+
+``-v`` shows vLLM's log lines, which otherwise go to a file named at the start.
 
 The engines are kept small (512 MiB of KV cache, 4,096-token context); with a bigger model on a
 GPU, raise ``--kv-cache-mib``. ``--help`` lists the size options.
@@ -106,6 +108,7 @@ async def _branches(llm: Any, trunk: list, approaches: list[str], handle: Any) -
                 ttft = time.perf_counter() - start
             full = chunk if full is None else full + chunk
         assert full is not None
+        _demo.report(f"branch done: {approach.split(':')[0]}")
         usage = full.usage_metadata or {}
         cached = int(usage.get("input_token_details", {}).get("cache_read", 0))
         return {
@@ -128,7 +131,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     from langchain_core.messages import convert_to_messages
 
     import thaw_agents
-    from thaw_agents.integrations.langchain import ChatThaw
+    from thaw_agents import ChatThaw
 
     thaw = mode == "thaw"
     engine_kwargs = {**_demo.ENGINE_KWARGS, "kv_cache_memory_bytes": args.kv_cache_mib << 20}
@@ -141,6 +144,10 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         started = time.perf_counter()
         llm.invoke(_demo.WARM_UP_TEXT, max_tokens=2)  # starts the engine; nothing below is cold
         result: dict[str, Any] = {"mode": mode, "engine_start_s": time.perf_counter() - started}
+        what = "forking the trunk, then" if thaw else "prefix caching off,"
+        _demo.report(
+            f"{mode}: engine started in {result['engine_start_s']:.1f} s; {what} {args.branches} branches"
+        )
         trunk = convert_to_messages(trunk_messages())
         approaches = list(APPROACHES[: args.branches])
         started = time.perf_counter()
@@ -260,6 +267,7 @@ def score_all(runs: dict[str, dict[str, Any]], timeout: float) -> None:
 # -- the orchestrating process -----------------------------------------------------------------
 def print_report(thaw: dict[str, Any], base: dict[str, Any], ranking: list[dict[str, Any]]) -> None:
     ms = _demo.ms
+    out = _demo.console
     rows = []
     for t, b in zip(thaw["branches"], base["branches"], strict=True):
         rows.append(
@@ -332,13 +340,15 @@ def print_report(thaw: dict[str, Any], base: dict[str, Any], ranking: list[dict[
         ],
     )
     best = ranking[0]
-    print(f"\nbest candidate ({best['approach']}, {best['passed']}/{best['total']} tests):")
-    print("    " + (best["code"].strip() or "(no code)").replace("\n", "\n    "))
-    print(
+    code = (best["code"].strip() or "(no code)").splitlines()
+    clipped = code[:12] + ([f"... ({len(code) - 12} more lines)"] if len(code) > 12 else [])
+    out.print(f"\nbest candidate ({best['approach']}, {best['passed']}/{best['total']} tests):", markup=False)
+    out.print("    " + "\n    ".join(clipped), markup=False, highlight=False)
+    out.print(
         f"\nengine start (not in the times above): thaw {thaw['engine_start_s']:.1f} s, "
         f"baseline {base['engine_start_s']:.1f} s"
     )
-    print(_demo.load_note({"thaw": thaw, "baseline": base}))
+    out.print(f"[dim]{_demo.load_note({'thaw': thaw, 'baseline': base})}[/dim]")
 
 
 def main() -> None:
@@ -350,6 +360,7 @@ def main() -> None:
     parser.add_argument("--test-timeout", type=float, default=30.0, help="seconds per candidate's tests")
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine (default 512)")
     parser.add_argument("--json", help="write the results (both modes, scores, ranking) to this JSON file")
+    _demo.add_output_args(parser)
     parser.add_argument("--phase", choices=("run",), help=argparse.SUPPRESS)
     parser.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -366,13 +377,27 @@ def main() -> None:
 
     common = [f"--branches={args.branches}", f"--max-tokens={args.max_tokens}"]
     common += [f"--kv-cache-mib={args.kv_cache_mib}"] + ([f"--model={args.model}"] if args.model else [])
-    print("running thaw, then baseline, each on a fresh engine, in a child process ...", flush=True)
-    child = _demo.run_phase(__file__, ["--phase=run", *common])
+    log = _demo.quiet_engine_logs("parallel-agents", args.verbose)
+    _demo.intro(
+        [
+            f"[bold]Parallel coding agents[/bold]: {args.branches} approaches to one function, forked from "
+            "one reasoning trunk, then tested and ranked.",
+            "thaw: the trunk is computed once and every branch starts from its snapshot; "
+            "baseline: every branch prefills it.",
+        ]
+    )
+    child = _demo.run_phase(
+        __file__,
+        ["--phase=run", *common],
+        label="thaw, then baseline, each on a fresh engine (one child process)",
+        log=log,
+    )
     runs = {mode: child[mode] for mode in ("thaw", "baseline")}
-    print("running each candidate's tests in a subprocess ...", flush=True)
-    score_all(runs, args.test_timeout)
+    with _demo.step("running each candidate's tests in a subprocess"):
+        score_all(runs, args.test_timeout)
     ranking = sorted(runs["thaw"]["branches"], key=lambda c: -c["pass_rate"])
     print_report(runs["thaw"], runs["baseline"], ranking)
+    _demo.model_note(args.model)
     if args.json:
         summary = [{k: c[k] for k in ("approach", "passed", "total", "pass_rate", "note")} for c in ranking]
         _demo.write_json(args.json, {"args": vars(args), **runs, "ranking": summary})

@@ -16,7 +16,8 @@ Prints a side-by-side table (per-branch TTFT, prompt tokens prefilled vs served 
 cache/snapshot, total time) and the reviews.
 
 Run: ``make demo`` (both modes), or
-``.venv/bin/python demos/pr_review_langgraph.py --mode thaw|baseline|both [--model PATH] [--json OUT]``.
+``.venv/bin/python demos/pr_review_langgraph.py --mode thaw|baseline|both [--model PATH] [--json OUT] [-v]``
+(``-v`` shows vLLM's log lines, which otherwise go to a file named at the start).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
+import _demo  # a sibling module: this file runs as a script
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
@@ -58,8 +60,8 @@ def trunk_messages(state: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def build_graph(llm: Any, mode: str) -> Any:
-    from thaw_agents.integrations.langgraph import fork_sends
+def build_graph(llm: Any, mode: str, on_branch_done: Any = None) -> Any:
+    from thaw_agents import fork_sends
 
     def route(state: ReviewState) -> list[Send]:
         branches = [{"aspect": a, "diff": state["diff"], "source": state["source"]} for a in SPECIALISTS]
@@ -77,6 +79,8 @@ def build_graph(llm: Any, mode: str) -> Any:
                 ttft = time.perf_counter() - start
             full = chunk if full is None else full + chunk
         usage = full.usage_metadata
+        if on_branch_done is not None:
+            on_branch_done(branch["aspect"])
         return {
             "reviews": [
                 {
@@ -97,69 +101,86 @@ def build_graph(llm: Any, mode: str) -> Any:
 
 
 def run_mode(mode: str, model: str | None, max_tokens: int) -> dict[str, Any]:
-    from thaw_agents.integrations.langgraph import ChatThaw
+    from thaw_agents import ChatThaw
 
     engine_kwargs: dict[str, Any] = {"max_model_len": 4096}
     if mode == "baseline":
         engine_kwargs["enable_prefix_caching"] = False
     llm = ChatThaw(model=model, temperature=0, max_tokens=max_tokens, engine_kwargs=engine_kwargs)
+    what = "prefix caching off" if mode == "baseline" else "thaw on"
     try:
-        llm.invoke("Say ok.", max_tokens=2)  # start the engine outside the timed region
+        with _demo.step(f"{mode}: starting an engine ({what})"):
+            llm.invoke("Say ok.", max_tokens=2)  # start the engine outside the timed region
         state = {
             "diff": (DATA / "change.diff").read_text(),
             "source": (DATA / "orders.py").read_text(),
             "reviews": [],
         }
-        start = time.perf_counter()
-        # Async nodes: LangGraph runs the four branches concurrently, so the engine batches them.
-        result = asyncio.run(build_graph(llm, mode).ainvoke(state))
-        total = time.perf_counter() - start
+        work = "fork the trunk, then four branches" if mode == "thaw" else "four branches, each prefills all"
+        with _demo.step(f"{mode}: {work}", total=len(SPECIALISTS)) as advance:
+            start = time.perf_counter()
+            # Async nodes: LangGraph runs the four branches concurrently, so the engine batches them.
+            result = asyncio.run(build_graph(llm, mode, advance).ainvoke(state))
+            total = time.perf_counter() - start
     finally:
         llm.close()
     reviews = sorted(result["reviews"], key=lambda r: list(SPECIALISTS).index(r["aspect"]))
     return {"mode": mode, "total_s": total, "branches": reviews}
 
 
-def print_comparison(runs: list[dict[str, Any]]) -> None:
-    print()
-    header = f"{'branch':<12} {'mode':<9} {'TTFT ms':>9} {'prompt':>7} {'prefilled':>9} {'from cache':>10}"
-    print(header)
-    print("-" * len(header))
+def print_comparison(runs: list[dict[str, Any]], model: str | None) -> None:
     by_mode = {r["mode"]: r for r in runs}
+    rows: list[Any] = []
     for aspect in SPECIALISTS:
         for mode in ("baseline", "thaw"):
-            if mode not in by_mode:
-                continue
-            b = next(x for x in by_mode[mode]["branches"] if x["aspect"] == aspect)
-            print(
-                f"{aspect:<12} {mode:<9} {b['ttft_s'] * 1e3:9.1f} {b['prompt_tokens']:7d} "
-                f"{b['prompt_tokens'] - b['cached_tokens']:9d} {b['cached_tokens']:10d}"
-            )
-    print()
+            if mode in by_mode:
+                b = next(x for x in by_mode[mode]["branches"] if x["aspect"] == aspect)
+                rows.append(
+                    [
+                        aspect,
+                        mode,
+                        _demo.ms(b["ttft_s"]),
+                        b["prompt_tokens"],
+                        b["prompt_tokens"] - b["cached_tokens"],
+                        b["cached_tokens"],
+                    ]
+                )
+        rows.append(None)
+
+    def mean_ttft(run: dict[str, Any]) -> float:
+        return sum(b["ttft_s"] for b in run["branches"]) / len(run["branches"])
+
     for mode in ("baseline", "thaw"):
         if mode in by_mode:
             run = by_mode[mode]
             prefilled = sum(b["prompt_tokens"] - b["cached_tokens"] for b in run["branches"])
-            mean_ms = sum(b["ttft_s"] for b in run["branches"]) / len(run["branches"]) * 1e3
-            print(
-                f"{mode:<9} total {run['total_s']:6.2f} s   mean branch TTFT {mean_ms:7.1f} ms"
-                f"   prompt tokens prefilled by branches {prefilled}"
+            cached = sum(b["cached_tokens"] for b in run["branches"])
+            rows.append(
+                [
+                    f"all four, total {_demo.ms(run['total_s'])}",
+                    mode,
+                    f"mean {_demo.ms(mean_ttft(run))}",
+                    sum(b["prompt_tokens"] for b in run["branches"]),
+                    prefilled,
+                    cached,
+                ]
             )
+    _demo.print_table(
+        "PR review, four branches: time to first token and prompt tokens (prefilled vs from cache/snapshot)",
+        ["branch", "mode", "TTFT", "prompt", "prefilled", "from cache"],
+        rows,
+    )
     if len(by_mode) == 2:
         base, thaw = by_mode["baseline"], by_mode["thaw"]
-
-        def mean(run: dict[str, Any]) -> float:
-            return sum(b["ttft_s"] for b in run["branches"]) / len(run["branches"])
-
-        print(
+        _demo.console.print(
             f"thaw / baseline: total {thaw['total_s'] / base['total_s']:.2f}x, "
-            f"mean branch TTFT {mean(thaw) / mean(base):.2f}x "
+            f"mean branch TTFT {mean_ttft(thaw) / mean_ttft(base):.2f}x "
             "(thaw's total includes computing the trunk once)"
         )
     final = by_mode.get("thaw") or runs[-1]
-    print()
-    for b in final["branches"]:
-        print(f"[{b['aspect']}] {b['text'].strip()[:300]}")
+    replies = [(f"[{b['aspect']}]", b["text"]) for b in final["branches"]]
+    _demo.print_replies(f"the reviews ({final['mode']} run, clipped)", replies)
+    _demo.model_note(model)
 
 
 def main() -> None:
@@ -168,10 +189,19 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a Hugging Face folder or id (default: SmolLM2-135M)")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    _demo.add_output_args(parser)
     args = parser.parse_args()
+    _demo.quiet_engine_logs("demo", args.verbose)
+    _demo.intro(
+        [
+            "[bold]PR review as a LangGraph fan-out[/bold]: four specialists review one diff.",
+            "[bold]thaw[/bold]: the shared trunk is computed once; each branch starts from its snapshot.",
+            "[bold]baseline[/bold]: prefix caching off; every branch prefills its whole prompt.",
+        ]
+    )
     modes = ["baseline", "thaw"] if args.mode == "both" else [args.mode]
     runs = [run_mode(mode, args.model, args.max_tokens) for mode in modes]
-    print_comparison(runs)
+    print_comparison(runs, args.model)
     if args.json:
         args.json.write_text(json.dumps({"runs": runs}, indent=2))
 

@@ -6,7 +6,8 @@ Shows, on the CPU in about a minute:
 3. the trunk forked to a snapshot file, and a branch in a *fresh engine process* that
    loads it instead of prefilling, with its time to first token against re-prefill.
 
-Run: ``make demo`` (or ``.venv/bin/python demos/quickstart.py [--model PATH]``).
+Run: ``make quickstart`` (or ``.venv/bin/python demos/quickstart.py [--model PATH] [-v]``;
+``-v`` shows vLLM's log lines, which otherwise go to a file named at the start).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import _demo  # a sibling module: this file runs as a script
 
 TRUNK = "".join(
     f"\n# config_{i}.py\ndef parse_config(path):\n    result = {{}}\n    with open(path) as handle:\n"
@@ -76,6 +79,7 @@ def _branch(model: str | None, snapshot: str | None, question: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a Hugging Face folder or id (default: SmolLM2-135M)")
+    _demo.add_output_args(parser)
     parser.add_argument("--branch", help=argparse.SUPPRESS)
     parser.add_argument("--snapshot", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -83,30 +87,44 @@ def main() -> None:
         print(json.dumps(_branch(args.model, args.snapshot, args.branch)))
         return
 
+    log = _demo.quiet_engine_logs("quickstart", args.verbose)
+    _demo.intro(
+        [
+            "[bold]thaw-agents quickstart[/bold]: one engine answers a chat prompt and serves a repeated "
+            "~1,200-token trunk from its prefix cache;",
+            "then the trunk is forked to a snapshot file, and a [italic]fresh[/italic] engine process "
+            "starts a branch from that file, against one that prefills it again.",
+        ]
+    )
     from vllm import SamplingParams
 
     import thaw_agents
 
-    llm = thaw_agents.make_llm(args.model, max_model_len=4096)
+    with _demo.step("starting the engine"):
+        llm = thaw_agents.make_llm(args.model, max_model_len=4096)
     answer = llm.chat(
         [{"role": "user", "content": "What is the capital of France?"}],
         SamplingParams(max_tokens=32, temperature=0),
         use_tqdm=False,
     )[0]
-    print(f"\n1. chat answer: {answer.outputs[0].text.strip()!r}")
+    _demo.print_replies("1. a chat answer", [("What is the capital of France?", answer.outputs[0].text)])
 
     params = SamplingParams(max_tokens=32, temperature=0)
+    cache_rows = []
     for question in ("What does parse_config return?", "Which lines does it skip?"):
         out = llm.chat([*MESSAGES, {"role": "user", "content": question}], params, use_tqdm=False)[0]
-        print(
-            f"2. {question!r}: {len(out.prompt_token_ids)} prompt tokens, "
-            f"{out.num_cached_tokens} served from the prefix cache"
-        )
+        cache_rows.append([question, len(out.prompt_token_ids), out.num_cached_tokens])
+    _demo.print_table(
+        "2. two questions over one trunk, same engine",
+        ["question", "prompt tokens", "from the prefix cache"],
+        cache_rows,
+    )
 
-    handle = thaw_agents.fork(llm, MESSAGES)
+    with _demo.step("3. forking the trunk to a snapshot"):
+        handle = thaw_agents.fork(llm, MESSAGES)
     with tempfile.TemporaryDirectory() as tmp:
         path = handle.save(Path(tmp) / "trunk.thaw")
-        print(f"3. forked the trunk: {handle}, {handle.nbytes / 1e6:.1f} MB at {path}")
+        _demo.console.print(f"  {handle.num_snapshot_tokens} tokens, {handle.nbytes / 1e6:.1f} MB at {path}")
         question = "Name one bug risk in this code."
         rows = []
         for label, snapshot in (("re-prefill", None), ("thaw", str(path))):
@@ -115,17 +133,27 @@ def main() -> None:
                 cmd += ["--model", args.model]
             if snapshot:
                 cmd += ["--snapshot", snapshot]
-            env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+            with _demo.step(f"a fresh engine process runs one branch: {label}"):
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            if log is not None:
+                with open(log, "a") as sink:
+                    sink.write(proc.stderr)
+            if proc.returncode != 0:
+                raise SystemExit(f"the {label} branch failed:\n{proc.stderr[-4000:]}")
             rows.append((label, json.loads(proc.stdout.strip().splitlines()[-1])))
-    print("\n   fresh engine process, one branch    TTFT      prompt   from snapshot/cache")
-    for label, row in rows:
-        print(f"   {label:<34} {row['ttft_s'] * 1e3:7.1f} ms {row['prompt_tokens']:6d}   {row['cached']:6d}")
-    base, thaw = rows[0][1], rows[1][1]
-    print(f"   TTFT ratio thaw / re-prefill: {thaw['ttft_s'] / base['ttft_s']:.2f}")
-    print(f"   same greedy answer in both: {base['text'] == thaw['text']}")
-    print(f"   answer: {thaw['text'].strip()!r}")
     handle.delete()
+    _demo.print_table(
+        "fresh engine process, one branch: thaw vs re-prefill",
+        ["", "TTFT", "prompt tokens", "from snapshot / cache"],
+        [[label, _demo.ms(row["ttft_s"]), row["prompt_tokens"], row["cached"]] for label, row in rows],
+    )
+    base, thaw = rows[0][1], rows[1][1]
+    _demo.console.print(
+        f"TTFT thaw / re-prefill: {thaw['ttft_s'] / base['ttft_s']:.2f}; "
+        f"same greedy answer in both: {base['text'] == thaw['text']}"
+    )
+    _demo.print_replies("the branch's answer", [("thaw:", thaw["text"])])
+    _demo.model_note(args.model)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     kwargs["max_num_batched_tokens"] = max_model_len * max(args.rollouts, args.pivot_rollouts, 2)
     llm = thaw_agents.make_llm(args.model, **kwargs)
     engine_start_s = time.perf_counter() - started
+    _demo.report(f"{args.phase}: engine started in {engine_start_s:.1f} s; {args.rollouts} trunk rollouts")
     _demo.warm_up(llm)
     trunk = list(
         llm.renderer.render_chat(
@@ -172,6 +173,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         }
 
         # Phase 2: resample from the pivot.
+        _demo.report(f"{args.phase}: best rollout #{best}; {args.pivot_rollouts} rollouts from its middle")
         phase_start = time.perf_counter()
         remaining = max(1, args.max_tokens - len(pivot_tokens))
         params = [sampling(2000 + j, remaining) for j in range(args.pivot_rollouts)]
@@ -323,24 +325,29 @@ def print_report(thaw: dict[str, Any], base: dict[str, Any]) -> None:
         ],
         rows,
     )
+    out = _demo.console
     for name, run in (("thaw", thaw), ("baseline", base)):
         pivot = run["pivot"]
-        print(
+        out.print(
             f"\n{name}: best trunk rollout #{pivot['rollout']} (reward {pivot['reward']:+.2f}); "
-            f"pivot after {pivot['tokens']} tokens: {pivot['text']!r}"
+            f"pivot after {pivot['tokens']} tokens: {_demo.clip(pivot['text'], 120)!r}",
+            markup=False,
         )
-        print(
+        out.print(
             f"  mean reward: trunk rollouts {summarise(run['rollouts'])['mean_reward']:+.2f}, "
             f"pivot rollouts {summarise(run['pivot_rollouts'])['mean_reward']:+.2f}; "
             f"engine start {run['engine_start_s']:.1f} s (not in the times above)"
         )
     best = max(thaw["pivot_rollouts"], key=lambda r: r["reward"])
-    print(f"\nbest pivot rollout (thaw): {(thaw['pivot']['text'] + best['text']).strip()!r}")
-    print(
+    out.print(
         f"nested snapshot: {fp['chain'][0]} <- {fp['chain'][-1]} "
-        f"(the child stores {fp['bytes_own'] / 1e6:.2f} MB of its own; the trunk file is shared)"
+        f"(the child stores {fp['bytes_own'] / 1e6:.2f} MB of its own; the trunk file is shared)",
+        markup=False,
     )
-    print(_demo.load_note({"thaw": thaw, "baseline": base}))
+    _demo.print_replies(
+        "the best pivot rollout (thaw, clipped)", [("pivot + rollout:", thaw["pivot"]["text"] + best["text"])]
+    )
+    out.print(f"[dim]{_demo.load_note({'thaw': thaw, 'baseline': base})}[/dim]")
 
 
 def main() -> None:
@@ -352,6 +359,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, help="tokens per rollout (default 80; --small 32)")
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine (default 512)")
     parser.add_argument("--json", help="write the results (both modes) to this JSON file")
+    _demo.add_output_args(parser)
     parser.add_argument("--phase", choices=("thaw", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -368,11 +376,21 @@ def main() -> None:
         f"--max-tokens={args.max_tokens}",
         f"--kv-cache-mib={args.kv_cache_mib}",
     ] + ([f"--model={args.model}"] if args.model else [])
+    log = _demo.quiet_engine_logs("rl-rollouts", args.verbose)
+    _demo.intro(
+        [
+            f"[bold]RL rollouts from a snapshot[/bold]: {args.rollouts} sampled rollouts from one trunk, "
+            f"then {args.pivot_rollouts} more from the middle of the best one",
+            "(a fork of a fork). thaw starts each rollout from a snapshot; the baseline prefills it.",
+        ]
+    )
     results = {}
     for mode in ("thaw", "baseline"):
-        print(f"running {mode} in a fresh engine process ...", flush=True)
-        results[mode] = _demo.run_phase(__file__, [f"--phase={mode}", *common])
+        results[mode] = _demo.run_phase(
+            __file__, [f"--phase={mode}", *common], label=f"{mode} in a fresh engine process", log=log
+        )
     print_report(results["thaw"], results["baseline"])
+    _demo.model_note(args.model)
     if args.json:
         _demo.write_json(args.json, {"args": vars(args), **results})
 

@@ -23,6 +23,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     starts: an engine's connector keeps the store it was built with."""
     path = tmp_path_factory.mktemp("store")
     os.environ["THAW_AGENTS_STORE"] = str(path)
+    # The CLI's and demos' vLLM log files, too, stay out of the user's cache folder.
+    os.environ.setdefault("THAW_AGENTS_LOGS", str(tmp_path_factory.mktemp("logs")))
     return path
 
 

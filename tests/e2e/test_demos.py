@@ -2,13 +2,15 @@
 
 Each demo runs as a script in a subprocess (as a user runs it: its modes in fresh engine
 processes), writes its results with ``--json``, and prints its tables. Thaw modes must serve
-prompt tokens from the snapshot or cache; baselines must serve none.
+prompt tokens from the snapshot or cache; baselines must serve none. vLLM's log lines go to the
+log file the demo names, not to the terminal.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +25,8 @@ DEMOS = Path(__file__).resolve().parents[2] / "demos"
 
 def run_demo(name: str, tmp_path: Path, *extra: str, timeout: float = 240) -> tuple[dict[str, Any], str]:
     out = tmp_path / f"{name}.json"
-    env = {**os.environ, "THAW_AGENTS_STORE": str(tmp_path / "store")}
+    logs = tmp_path / "logs"
+    env = {**os.environ, "THAW_AGENTS_STORE": str(tmp_path / "store"), "THAW_AGENTS_LOGS": str(logs)}
     cmd = [sys.executable, str(DEMOS / f"{name}.py"), "--small", "--json", str(out), *extra]
     # Its own process group, so a timeout also ends the demo's phase and engine processes.
     proc = subprocess.Popen(
@@ -39,7 +42,20 @@ def run_demo(name: str, tmp_path: Path, *extra: str, timeout: float = 240) -> tu
     store = tmp_path / "store"
     leftovers = sorted(store.glob("*.thaw")) if store.exists() else []
     assert not leftovers, f"the demo left snapshots in the store: {leftovers}"
+    assert_quiet(stdout, logs)
     return json.loads(out.read_text()), stdout
+
+
+def assert_quiet(stdout: str, logs: Path) -> None:
+    """vLLM's start-up lines are in the named log file, not among what the person reads."""
+    named = re.search(r"vLLM's log: (\S+\.log)", stdout)
+    assert named, stdout[:2000]
+    log = Path(named.group(1))
+    assert log.parent == logs and log.stat().st_mode & 0o077 == 0
+    assert "Initializing a V1 LLM engine" in log.read_text()
+    for noise in ("Initializing a V1 LLM engine", "INFO", "Loading safetensors checkpoint shards"):
+        assert noise not in stdout, f"{noise!r} reached the terminal:\n{stdout[:4000]}"
+    assert "SmolLM2-135M-Instruct, is a 135M model for a CPU" in stdout and "--model" in stdout
 
 
 def test_parallel_agents(tmp_path: Path) -> None:
