@@ -15,7 +15,11 @@ STAMP := $(VENV)/.thaw-installed-$(EXTRA)
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup model demo quickstart test test-fast lint format notebooks bench clean
+# `make smoke`: the built wheel in a fresh virtualenv (pip's cache keeps the second run short).
+SMOKE := build/smoke
+SMOKE_BIN := $(SMOKE)/venv/bin
+
+.PHONY: help setup model demo quickstart test test-fast smoke lint format notebooks bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,11 +64,27 @@ demo: model ## the PR-review graph on the default model, thaw vs baseline
 quickstart: model ## fork, save, hydrate in a fresh engine process
 	$(BIN)/python demos/quickstart.py
 
-test: model ## the whole test suite (README and CI run this)
+test: model ## the whole test suite, then the wheel smoke test (README and CI run this)
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory smoke
 
 test-fast: setup ## unit tests only (no engine)
 	$(BIN)/python -m pytest -q tests/unit
+
+smoke: model ## build the wheel, pip install it with [cpu,langgraph] in a fresh venv, fork once
+	@# A clean build folder: setuptools would put stale modules from build/lib into the wheel.
+	rm -rf $(SMOKE) build/lib build/bdist.*
+	mkdir -p $(SMOKE)
+	$(BIN)/python -m build --wheel --outdir $(SMOKE)/dist . >$(SMOKE)/build.log 2>&1 || \
+	  { cat $(SMOKE)/build.log; exit 1; }
+	$(PYTHON) -m venv $(SMOKE)/venv
+	$(SMOKE_BIN)/python -m pip install -q --upgrade pip
+	$(SMOKE_BIN)/python -m pip install -q "torch==2.13.0+cpu" || \
+	  $(SMOKE_BIN)/python -m pip install -q "torch==2.13.0+cpu" --extra-index-url $(TORCH_CPU_INDEX)
+	$(SMOKE_BIN)/python -m pip install -q "$$(ls $(SMOKE)/dist/thaw_agents-*.whl)[cpu,langgraph]"
+	-$(SMOKE_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@# From outside the source tree, so only the installed wheel can be imported.
+	cd $(SMOKE) && venv/bin/python $(CURDIR)/tests/smoke/smoke_wheel.py
 
 lint: setup ## ruff
 	$(BIN)/ruff check .

@@ -13,6 +13,10 @@ thaw-agents serve [MODEL] [--host H] [--port P] [--api-key KEY] [vLLM server opt
 thaw-agents bench NAME [options]
                                run benchmarks/NAME.py (from a source checkout)
 
+The commands that start an engine (serve, freeze, bench) send vLLM's log lines to a file under
+~/.cache/thaw-agents/logs (THAW_AGENTS_LOGS moves it) and say where on stderr; ``-v`` before the
+command (``thaw-agents -v serve``) keeps them on the terminal.
+
 Exit status: 0 on success, 1 on an error (one line on stderr), 2 on a usage error.
 """
 
@@ -108,6 +112,7 @@ def _cmd_freeze(args: argparse.Namespace) -> int:
     from .weights_vllm import freeze_model
 
     _check_freeze_args(args.model, args.output)
+    _quiet_engine_logs("freeze", args.verbose)
     start = time.perf_counter()
     model = None if args.model == "default" else args.model
     kwargs = {"dtype": args.dtype} if args.dtype else {}
@@ -217,11 +222,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("the benchmarks ship with the source tree: run this from a checkout of thaw-agents")
     if args.name not in names:
         raise ConfigError(f"no benchmark {args.name!r}; choose one of: {', '.join(names)}")
+    _quiet_engine_logs("bench", args.verbose)
     return subprocess.call([sys.executable, str(folder / f"{args.name}.py"), *args.options])
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thaw-agents", description="Fork a live LLM session.")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="vLLM's log lines on the terminal (default: a log file)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     model = sub.add_parser("model", help="the default model")
     model.add_argument("action", choices=["prepare", "path"])
@@ -270,18 +279,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._errors import ThawError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
+    while argv[:1] and argv[0] in ("-v", "--verbose"):
+        verbose = True
+        argv.pop(0)
     try:
         if argv[:1] == ["serve"]:  # every option it does not know goes to vLLM's own parser
             from .serve.launch import main as serve
 
+            _quiet_engine_logs("serve", verbose)
             return serve(argv[1:])
         args = _parser().parse_args(argv)
+        args.verbose = verbose or args.verbose
         return int(args.func(args))
     except (ThawError, OSError) as exc:
         # One line, escaped (the message may quote a file's strings or a hostile path).
         message = str(exc) if isinstance(exc, ThawError) else _os_error(exc)
         print(f"thaw-agents: error: {_printable(message)}", file=sys.stderr)
         return 1
+
+
+def _quiet_engine_logs(command: str, verbose: bool) -> None:
+    """Unless ``-v``: vLLM's ~150 start-up lines go to a log file, named once on stderr.
+
+    Called by the commands that start an engine, once their arguments are checked (a usage
+    error stays one line)."""
+    if verbose:
+        return
+    from ._logfile import send_vllm_logs_to_file
+
+    path = send_vllm_logs_to_file(command)
+    print(f"thaw-agents: vLLM's log: {path} (thaw-agents -v {command} shows it here)", file=sys.stderr)
 
 
 def _os_error(exc: OSError) -> str:

@@ -105,3 +105,35 @@ def test_info_shows_header_strings_escaped(tmp_path: Path, capsys: pytest.Captur
     assert out.splitlines()[-1].split() == ["checksums", "verified"]
     code, out, err = _run(capsys, "info", str(path), "--json")
     assert code == 0 and out.isascii() and json.loads(out)["kv_spec"]["model_name"].startswith("evil\x1b")
+
+
+def test_verbose_flag_before_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _one_line_error(*_run(capsys, "-v", "info", str(tmp_path / "nope.thaw")), "no snapshot file here")
+    # A usage error of an engine command stays one line: the log file is set up after the checks.
+    _one_line_error(*_run(capsys, "bench", "no_such_benchmark"), "no benchmark")
+
+
+def test_engine_logs_go_to_a_named_owner_only_file(tmp_path: Path) -> None:
+    """What `serve`, `freeze` and `bench` do before starting an engine, in a fresh process: vLLM's
+    lines (this process's and a child's that configures vLLM's logging) land in the file."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, subprocess, sys\n"
+        "from thaw_agents import cli\n"
+        "cli._quiet_engine_logs('serve', False)\n"
+        "logging.getLogger('vllm.engine').info('parent line')\n"
+        "child = 'from vllm.logger import _configure_vllm_root_logger as c, init_logger as i; "
+        'c(); i("vllm.worker").info("child line")\'\n'
+        "subprocess.run([sys.executable, '-c', child], check=True)\n"
+    )
+    env = {**os.environ, "THAW_AGENTS_LOGS": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (log,) = tmp_path.glob("serve-*.log")
+    assert f"thaw-agents: vLLM's log: {log} (thaw-agents -v serve shows it here)" in out.stderr
+    text = log.read_text()
+    assert "parent line" in text and "child line" in text
+    assert "line" not in out.stdout + out.stderr.replace(str(log), "")
+    assert log.stat().st_mode & 0o077 == 0
