@@ -83,17 +83,19 @@ def _evict(path: str) -> None:
 
 
 def _child(args: argparse.Namespace, cases: dict) -> dict:
-    from vllm import SamplingParams, TokensPrompt
+    from vllm import SamplingParams
 
     import thaw_agents
+    from thaw_agents.front import Request, front_for
 
     llm = thaw_agents.make_llm(args.model, max_model_len=args.max_model_len)
+    front = front_for(llm)
     one = SamplingParams(max_tokens=1, temperature=0)
     # Warm the engine (first request pays one-time costs) on an unrelated prompt.
-    llm.generate([TokensPrompt(prompt_token_ids=list(range(1000, 1100)))], one, use_tqdm=False)
+    front.generate([Request(token_ids=list(range(1000, 1100)), params=one)], stream=False)
     results = {}
     for length, case in cases.items():
-        prompt = TokensPrompt(prompt_token_ids=case["token_ids"] + case["suffix"])
+        prompt = case["token_ids"] + case["suffix"]
         rows = {}
         for mode in ("re-prefill", "shm", "file"):
             ttft, load, cached = [], [], []
@@ -108,7 +110,7 @@ def _child(args: argparse.Namespace, cases: dict) -> dict:
                     handle = thaw_agents.ForkHandle.load(case[mode])
                     load.append(time.perf_counter() - start)
                     params = thaw_agents.with_fork(one, handle)
-                out = llm.generate([prompt], params, use_tqdm=False)[0]
+                (out,) = front.generate([Request(token_ids=prompt, params=params)], stream=False)
                 ttft.append(time.perf_counter() - start)
                 cached.append(out.num_cached_tokens)
             rows[mode] = {

@@ -79,19 +79,20 @@ def _reprefill(args: argparse.Namespace) -> dict[str, Any]:
     from vllm import LLM
 
     import thaw_agents
-    from thaw_agents.pool._runner import run_batch  # the step loop that times each first token
+    from thaw_agents.front import Request, front_for  # its step loop times each first token
 
     kwargs = thaw_agents.engine_kwargs(args.model, **_overrides(args))
     kwargs.pop("kv_transfer_config")
     kwargs.pop("worker_extension_cls")
     kwargs["enable_prefix_caching"] = False
     llm = LLM(**kwargs)
+    front = front_for(llm)
     tok = llm.get_tokenizer()
     rounds = []
     for r in range(args.rounds + 1):  # round 0 warms the engine and is dropped
         prompts = _prompts(tok, args, r)
         start = time.perf_counter()
-        replies = run_batch(llm, prompts, [_params(args)] * len(prompts))
+        results = front.generate([Request(token_ids=p, params=_params(args)) for p in prompts])
         wall = time.perf_counter() - start
         if r:
             rounds.append(
@@ -99,13 +100,13 @@ def _reprefill(args: argparse.Namespace) -> dict[str, Any]:
                     "round_s": wall,
                     "branches": [
                         {
-                            "ttft_s": x["ttft_s"],
-                            "first_token_s": x["ttft_s"],
-                            "cached": x["num_cached_tokens"],
-                            "prompt_tokens": x["num_prompt_tokens"],
-                            "tokens": len(x["completions"][0]["token_ids"]),
+                            "ttft_s": x.ttft_s,
+                            "first_token_s": x.ttft_s,
+                            "cached": x.num_cached_tokens,
+                            "prompt_tokens": x.num_prompt_tokens,
+                            "tokens": len(x.completions[0].token_ids),
                         }
-                        for x in replies
+                        for x in results
                     ],
                     "bytes_moved": 0,
                 }

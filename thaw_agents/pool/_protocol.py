@@ -35,11 +35,14 @@ from .._errors import ConfigError
 if TYPE_CHECKING:
     from vllm import SamplingParams
 
+    from ..front import Result
+
 __all__ = [
     "BranchJob",
     "BranchReply",
     "CompletionData",
     "SnapshotRef",
+    "branch_reply",
     "decode_line",
     "decode_sampling",
     "encode_line",
@@ -82,6 +85,27 @@ class BranchReply(TypedDict):
     num_cached_tokens: int
     ttft_s: float
     generate_s: float
+
+
+def branch_reply(index: int, result: Result) -> BranchReply:
+    """A front's result as a branch's reply (times from the batch's submission)."""
+    return {
+        "index": index,
+        "completions": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "token_ids": list(c.token_ids),
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in result.completions
+        ],
+        "num_prompt_tokens": result.num_prompt_tokens,
+        "num_cached_tokens": result.num_cached_tokens,
+        "ttft_s": result.ttft_s if result.ttft_s is not None else result.total_s,
+        "generate_s": result.total_s,
+    }
 
 
 def encode_line(message: dict[str, Any]) -> bytes:

@@ -11,28 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..front import Completion  # a branch's samples are the front's
+
 __all__ = ["BranchResult", "BranchTimings", "Completion", "Placement", "WorkerInfo"]
 
 Placement = Literal["parent", "worker"]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Completion:
-    """One sample of a branch (a branch has ``n`` of them).
-
-    Attributes:
-        index: the sample's index in ``0..n-1``.
-        text: the generated text.
-        token_ids: the generated token ids.
-        finish_reason: ``"stop"``, ``"length"`` (or ``"abort"``/``"error"`` from the engine).
-        stop_reason: the stop string or token that ended it, if any.
-    """
-
-    index: int
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str | None
-    stop_reason: int | str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

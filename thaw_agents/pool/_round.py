@@ -34,11 +34,11 @@ from .._fork import ForkHandle, fork
 from .._kvspec import KVSpec
 from .._manifest import check_compatible, derive_snapshot
 from .._store import snapshot_path, store_dir
+from ..front import Request, engine_lock, front_for
 from ._dispatch import Outcome, dispatch
 from ._pool import ForkPool
-from ._protocol import encode_sampling
+from ._protocol import branch_reply, encode_sampling
 from ._results import BranchResult, BranchTimings, Completion
-from ._runner import engine_lock, run_batch
 from ._transport import Shipment, ship
 
 if TYPE_CHECKING:
@@ -137,9 +137,7 @@ def _tokens(adapter: Any, prompt: Any) -> list[int]:
 
 def _suffix_tokens(llm: Any, suffix: Any) -> list[int]:
     if isinstance(suffix, str):
-        if not hasattr(llm, "get_tokenizer"):
-            raise ConfigError("this engine has no tokenizer to call: pass suffixes as token ids")
-        return list(llm.get_tokenizer().encode(suffix, add_special_tokens=False))
+        return front_for(llm).encode(suffix, add_special_tokens=False)
     if isinstance(suffix, Sequence) and all(isinstance(t, int) for t in suffix):
         return list(suffix)
     raise ConfigError("each suffix must be a string or a list of token ids")
@@ -159,9 +157,7 @@ def _common_prefix(token_lists: list[list[int]]) -> list[int]:
 
 def _params(llm: Any, sampling_params: Any, count: int) -> list[SamplingParams]:
     if sampling_params is None:
-        if not hasattr(llm, "get_default_sampling_params"):
-            raise ConfigError("pass sampling_params")
-        sampling_params = llm.get_default_sampling_params()
+        sampling_params = front_for(llm).default_sampling_params()
     if isinstance(sampling_params, Sequence):
         if len(sampling_params) != count:
             raise ConfigError(f"{len(sampling_params)} sampling params for {count} branches")
@@ -171,19 +167,15 @@ def _params(llm: Any, sampling_params: Any, count: int) -> list[SamplingParams]:
 
 # -- the parent engine --------------------------------------------------------------------------
 def _in_parent(llm: Any, plan: _Plan, params: list[SamplingParams], round_start: float) -> list[BranchResult]:
-    if not hasattr(llm, "llm_engine"):
-        raise ConfigError(
-            "without a pool, fork_completions runs the branches in a vllm.LLM; pass one or a pool"
-        )
     from vllm import SamplingParams
 
-    cache = llm.llm_engine.vllm_config.cache_config
-    block_size = int(cache.block_size)
-    with engine_lock(llm):
+    front = front_for(llm)
+    caching, block_size = front.prefix_caching()
+    with front.lock():
         if plan.handle is not None:
             plan.handle.hydrate(llm)
             reason = "no pool: ran in the parent engine, trunk loaded from the given snapshot"
-        elif not cache.enable_prefix_caching:
+        elif not caching:
             reason = "no pool, and prefix caching is off: every branch recomputes the trunk"
         elif len(plan.trunk) < block_size:
             reason = (
@@ -192,10 +184,12 @@ def _in_parent(llm: Any, plan: _Plan, params: list[SamplingParams], round_start:
         else:
             # One pass over the trunk fills the prefix cache; branches in the same batch would
             # otherwise each compute it (blocks are shared only once computed).
-            run_batch(llm, [plan.trunk], [SamplingParams(max_tokens=1, temperature=0.0)])
+            warm = Request(token_ids=plan.trunk, params=SamplingParams(max_tokens=1, temperature=0.0))
+            front.generate([warm], stream=False)
             reason = "no pool: ran in the parent engine, whose prefix cache holds the trunk (no copy)"
         trunk_s = time.perf_counter() - round_start
-        replies = run_batch(llm, plan.prompts, params)
+        requests = [Request(token_ids=p, params=sp) for p, sp in zip(plan.prompts, params, strict=True)]
+        replies = [branch_reply(i, r) for i, r in enumerate(front.generate(requests))]
     results = []
     for reply in replies:
         timings = BranchTimings(

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import ConfigError, EngineError
-from ._protocol import BranchJob, SnapshotRef, decode_sampling, error_data
-from ._runner import BatchTimeout, run_batch
+from ..front import LLMFront, Request, RequestTimeoutError
+from ._protocol import BranchJob, SnapshotRef, branch_reply, decode_sampling, error_data
 
 __all__ = ["TEST_HOOK_ENV", "EngineService"]
 
@@ -41,7 +41,7 @@ class EngineService:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._llm: Any = None
+        self._front: LLMFront | None = None
         self._spec: Any = None
         self._handles: dict[str, Any] = {}
 
@@ -63,13 +63,12 @@ class EngineService:
     # -- operations ----------------------------------------------------------------------
     def boot(self, message: dict[str, Any]) -> dict[str, Any]:
         from .. import _engine
-        from .._adapter import adapter_for
 
-        if self._llm is not None:
+        if self._front is not None:
             raise EngineError("this worker already runs an engine")
         start = time.perf_counter()
-        self._llm = _engine.make_llm(message.get("model"), **dict(message.get("overrides") or {}))
-        self._spec = adapter_for(self._llm).kv_spec()
+        self._front = LLMFront(_engine.make_llm(message.get("model"), **dict(message.get("overrides") or {})))
+        self._spec = self._front.kv_spec()
         boot_s = time.perf_counter() - start
         logger.info("pool worker %s: engine ready in %.1f s", self.name, boot_s)
         return {"spec": self._spec.to_json(), "pid": os.getpid(), "boot_s": boot_s}
@@ -114,26 +113,21 @@ class EngineService:
         if ref:
             handle = self._handles.pop(ref["uri"], None) or ForkHandle.load(ref["uri"], verify=False)
         branches: list[BranchJob] = message["branches"]
-        params = []
+        requests = []
         for branch in branches:
             sp = decode_sampling(branch["sampling"])
-            params.append(with_fork(sp, handle) if handle is not None else sp)
+            params = with_fork(sp, handle) if handle is not None else sp
+            requests.append(Request(token_ids=branch["prompt_token_ids"], params=params))
         _test_hook(self.name)
         start = time.perf_counter()
         try:
-            replies = run_batch(
-                self._engine(),
-                [b["prompt_token_ids"] for b in branches],
-                params,
-                timeout_s=message.get("timeout_s"),
-            )
-        except BatchTimeout as exc:
-            raise BatchTimeout(f"generate ran past its timeout in the worker: {exc}") from None
+            results = self._engine().generate(requests, timeout_s=message.get("timeout_s"))
+        except RequestTimeoutError as exc:
+            raise RequestTimeoutError(f"generate ran past its timeout in the worker: {exc}") from None
         finally:
             if handle is not None:
                 self._release(handle)
-        for reply, branch in zip(replies, branches, strict=True):
-            reply["index"] = branch["index"]
+        replies = [branch_reply(b["index"], r) for b, r in zip(branches, results, strict=True)]
         return {"branches": replies, "generate_s": time.perf_counter() - start}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -146,20 +140,20 @@ class EngineService:
             if path not in in_use:
                 path.unlink(missing_ok=True)
 
-    def _engine(self) -> Any:
-        if self._llm is None:
+    def _engine(self) -> LLMFront:
+        if self._front is None:
             raise EngineError("the worker has no engine yet (boot first)")
-        return self._llm
+        return self._front
 
     def _engine_spec(self) -> Any:
         self._engine()
         return self._spec
 
     def close(self) -> None:
-        llm, self._llm = self._llm, None
-        if llm is not None:
+        front, self._front = self._front, None
+        if front is not None:
             try:
-                llm.llm_engine.engine_core.shutdown()
+                front.llm.llm_engine.engine_core.shutdown()
             except Exception:  # the process is exiting anyway
                 logger.debug("pool worker %s: engine shutdown failed", self.name, exc_info=True)
 

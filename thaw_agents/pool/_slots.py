@@ -262,7 +262,7 @@ def remote_error(
     text = f"{kind} in the worker during {error.get('stage', stage)}: {error.get('message', 'no message')}"
     if log_path is not None:
         text += f" (log: {log_path})"
-    cls = PoolTimeoutError if kind == "BatchTimeout" else PoolError
+    cls = PoolTimeoutError if kind == "RequestTimeoutError" else PoolError
     return cls(
         text, worker=worker, stage=error.get("stage", stage), remote_type=kind, branch=error.get("branch")
     )

@@ -1,0 +1,82 @@
+"""The one way thaw-agents sends a request to a vLLM engine and reads its result.
+
+Two fronts behind one interface (:class:`Front`):
+
+- :class:`LLMFront` over a ``vllm.LLM``: a batch driven through the engine's step loop
+  (``generate`` times each request's first token, aborts on a deadline).
+- :class:`AsyncLLMFront` over an ``AsyncLLM``: ``astream`` yields one request's deltas;
+  ``agenerate`` runs requests concurrently; the synchronous methods run on the engine's loop.
+
+Both offer:
+
+- ``generate(requests, timeout_s=, stream=)`` -> one :class:`Result` per :class:`Request`:
+  completions, ``num_cached_tokens``, ``ttft_s``, the connector's ``report``;
+  ``stream=False`` asks for final outputs only (cheaper, no first-token time).
+- ``run_prefix(token_ids, kv_transfer_params)``: the one-token request of fork and hydrate.
+- ``describe()`` / ``kv_spec()`` / ``store()``: the ``thaw_describe`` RPC (one worker only).
+- ``save_result(snapshot_id)``: the ``thaw_save_result`` RPC (None while the save is written).
+- ``prefix_token_ids(prefix, tools)``: text, token ids or chat messages (rendered by
+  :mod:`thaw_agents.chat`) as token ids; ``encode(text)``.
+- ``default_sampling_params()``, ``prefix_caching()``, ``lock()``.
+
+Errors: :class:`RequestTimeoutError` (an ``EngineError`` and a ``TimeoutError``; the request
+was aborted), ``EngineError`` (``finish_reason="error"`` or a dead engine), ``ConfigError``
+(vLLM refused the request). Cancelling a request aborts it in the engine.
+
+Example:
+    >>> from vllm import SamplingParams
+    >>> front = front_for(llm)                                                  # doctest: +SKIP
+    >>> (r,) = front.generate([Request(token_ids=ids, params=SamplingParams(max_tokens=8))])
+    >>> r.text, r.ttft_s, r.num_cached_tokens                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any
+
+from .._errors import ConfigError
+from ._async import AsyncLLMFront
+from ._base import Completion, Delta, Front, PrefixRun, Request, RequestTimeoutError, Result
+from ._llm import LLMFront, engine_lock
+
+__all__ = [
+    "AsyncLLMFront",
+    "Completion",
+    "Delta",
+    "Front",
+    "LLMFront",
+    "PrefixRun",
+    "Request",
+    "RequestTimeoutError",
+    "Result",
+    "engine_lock",
+    "front_for",
+]
+
+_FRONTS: weakref.WeakKeyDictionary[Any, LLMFront] = weakref.WeakKeyDictionary()
+
+
+def front_for(engine: Any) -> Front:
+    """The front of a ``vllm.LLM`` (one per engine), or ``engine`` itself when it is a front.
+
+    Raises:
+        ConfigError: ``engine`` is neither.
+    """
+    if isinstance(engine, Front):
+        return engine
+    if hasattr(engine, "llm_engine") and hasattr(engine, "collective_rpc"):  # a vllm.LLM
+        try:
+            front = _FRONTS.get(engine)
+        except TypeError:  # not hashable
+            front = None
+        if front is None:
+            front = LLMFront(engine)
+            with contextlib.suppress(TypeError):  # not weak-referenceable: no caching
+                _FRONTS[engine] = front
+        return front
+    raise ConfigError(
+        f"{type(engine).__name__} is not an engine thaw can run requests on: pass a vllm.LLM built "
+        "with thaw_agents.engine_kwargs()"
+    )
