@@ -174,3 +174,15 @@ def test_tree_is_ruff_clean() -> None:
     for args in (["check"], ["format", "--check"]):
         out = subprocess.run([str(ruff), *args, str(ROOT)], capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_test_folder_is_collected() -> None:
+    """pytest's testpaths name the test folders (so tests/smoke stays out): a new folder of tests
+    must be added there, or `make test` would silently skip it."""
+    import tomllib
+
+    pytest_options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    testpaths = pytest_options["testpaths"]
+    folders = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "tests").glob("*/test_*.py")}
+    assert folders - {"tests/smoke"} <= set(testpaths)
+    assert "tests/smoke" not in testpaths and (ROOT / "tests/smoke/smoke_wheel.py").is_file()
