@@ -123,6 +123,10 @@ class LLMAdapter:
             raise EngineError("the engine failed the thaw request; see the engine log")
         return PrefixRun(int(output.num_cached_tokens or 0), thaw_report(output.kv_transfer_params))
 
+    def save_result(self, snapshot_id: str) -> dict[str, Any] | None:
+        """The engine's result for a save of ``snapshot_id``; None while it is being written."""
+        return self._llm.collective_rpc("thaw_save_result", args=(snapshot_id,))[0]
+
 
 _ADAPTERS: weakref.WeakKeyDictionary[Any, LLMAdapter] = weakref.WeakKeyDictionary()
 
@@ -170,6 +174,9 @@ class _Normalised:
         if tools is None:  # a front that renders no tools (the server's) takes the prefix alone
             return self._inner.prefix_token_ids(prefix)
         return self._inner.prefix_token_ids(prefix, tools)
+
+    def save_result(self, snapshot_id: str) -> dict[str, Any] | None:
+        return self._inner.save_result(snapshot_id)
 
     def run_prefix(self, token_ids: list[int], kv_transfer_params: dict[str, Any]) -> PrefixRun:
         run = self._inner.run_prefix(token_ids, kv_transfer_params)

@@ -15,8 +15,11 @@ abstract methods of ``KVConnectorBase_V1`` (0.32 only adds optional hooks, 0.24 
 (``PrefillStats`` with the same counters), ``CachedRequestData.resumed_req_ids``,
 ``KVConnectorOutput.invalid_block_ids``, ``BaseModelLoader`` / ``register_model_loader``,
 ``AsyncLLM.from_engine_args``, ``renderer.render_chat_async`` with ``ChatParams``, and the
-attention layers' ``get_attn_backend()``. The helpers below are the places where a release
-could differ; callers use them instead of reaching into vLLM themselves.
+attention layers' ``get_attn_backend()``. The connector's background saves use
+``handle_preemptions``, ``build_connector_worker_meta`` and ``KVConnectorWorkerMetadata``, read
+in 0.32 (:data:`KVConnectorWorkerMetadata` stands in where an import finds none). The helpers
+below are the places where a release could differ; callers use them instead of reaching into
+vLLM themselves.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 __all__ = [
     "SUPPORTED",
+    "KVConnectorWorkerMetadata",
     "attn_backend_name",
     "check_connector_interface",
     "cuda_extra",
@@ -50,6 +54,17 @@ CONNECTOR_ABSTRACT_METHODS = frozenset(
         "build_connector_meta",
     }
 )
+
+
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
+except ImportError:  # without vLLM (docs, unit tests of other modules), or a release without it
+
+    class KVConnectorWorkerMetadata:  # type: ignore[no-redef]
+        """Stands in for vLLM's worker-to-scheduler metadata base where vLLM has none."""
+
+        def aggregate(self, other: Any) -> Any:
+            raise NotImplementedError
 
 
 def vllm_version() -> str:

@@ -24,7 +24,6 @@ from ._errors import (
     ConfigError,
     EngineError,
     SnapshotNotFoundError,
-    SnapshotWriteError,
 )
 from ._kvspec import KVSpec
 from ._manifest import KVManifest, ParentRef, check_compatible, derive_snapshot, read_kv_manifest
@@ -42,9 +41,8 @@ from ._store import (
     sibling_uri,
     snapshot_path,
     store_dir,
-    take_save_error,
 )
-from .connector.params import is_snapshot_id, load_params, save_params
+from .connector.params import await_save, is_snapshot_id, load_params, save_failure, save_params
 
 __all__ = ["ForkHandle", "fork", "with_fork"]
 
@@ -375,18 +373,13 @@ def fork(
     full = covered + content.num_blocks * bs
     sid = content.snapshot_id
     dest = snapshot_path(store, sid)
-    take_save_error(store, sid)  # a stale record of an earlier attempt
     run = adapter.run_prefix(
         tokens, save_params(sid, len(tokens), parent_handle.id if parent_handle else None)
     )
-    message = take_save_error(store, sid)
-    if message is None and run.report and run.report.get("error"):
-        message = str(run.report["error"])
-    if message is not None:
-        kind, _, detail = message.partition(": ")
-        if kind == "SnapshotWriteError":  # a full disk in the engine: the same typed error
-            raise SnapshotWriteError(detail.removeprefix(f"{dest}: "), path=str(dest))
-        raise EngineError(f"the engine could not write the snapshot {sid}: {message}")
+    # The engine writes in the background; a "pending" report is followed up by id.
+    failure = save_failure(await_save(run.report, lambda: adapter.save_result(sid)), sid, str(dest))
+    if failure is not None:
+        raise failure
     if not dest.exists():
         raise EngineError(
             f"the engine did not write the snapshot {dest}. Is the thaw connector configured? "

@@ -50,12 +50,9 @@ __all__ = [
     "open_store",
     "partial_prefix",
     "read_in_store",
-    "record_save_error",
     "resolve_chain",
-    "save_error_path",
     "snapshot_path",
     "store_dir",
-    "take_save_error",
 ]
 
 SUFFIX = ".thaw"
@@ -135,50 +132,6 @@ def snapshot_path(store: Path, snapshot_id: str) -> Path:
     return store / (snapshot_id + SUFFIX)
 
 
-def save_error_path(store: Path, snapshot_id: str) -> Path:
-    """Where the engine leaves the reason a save of ``snapshot_id`` failed."""
-    return snapshot_path(store, snapshot_id).with_name(snapshot_id + ".error")
-
-
-def record_save_error(store: Path, snapshot_id: str, message: str) -> None:
-    """Leave ``message`` for the front that asked for ``snapshot_id`` (engine side; never raises)."""
-    import json
-    import logging
-
-    try:
-        dest = save_error_path(store, snapshot_id)
-        tmp = store / f"{partial_prefix()}{os.urandom(8).hex()}.partial"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"error": message[:4000]}, handle)
-        os.replace(tmp, dest)
-    except Exception:
-        logging.getLogger(__name__).exception("thaw: could not record why saving %s failed", snapshot_id)
-
-
-def take_save_error(store: Path, snapshot_id: str) -> str | None:
-    """The reason the engine could not save ``snapshot_id``, if it left one (removed once read)."""
-    import json
-
-    path = save_error_path(store, snapshot_id)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"unreadable error record: {exc.strerror}"
-    try:
-        with os.fdopen(fd, "rb") as handle:
-            raw = handle.read(16384)
-        data = json.loads(raw.decode("utf-8", "replace"))
-        message = data.get("error") if isinstance(data, dict) else None
-        return str(message) if message else "unknown error"
-    except ValueError:
-        return "unknown error"
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def clean_stale(store: Path, *, force: bool = False) -> int:
     """Remove temporary files of writers that died (SIGKILL, power loss); return how many.
 
@@ -206,7 +159,7 @@ def clean_stale(store: Path, *, force: bool = False) -> int:
             age_s = wall - entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             continue
-        if entry.name.endswith(".error"):  # a save error nobody came back for
+        if entry.name.endswith(".error"):  # left by versions that reported save errors in files
             stale = age_s > _STALE_AGE_S
         elif entry.name.startswith(".thaw-") and entry.name.endswith(".partial"):
             match = _PARTIAL.fullmatch(entry.name)

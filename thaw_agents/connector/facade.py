@@ -10,13 +10,32 @@ Requests name snapshots by id (``kv_transfer_params={"thaw": {"op": "load", "sna
 ...}}``, see :mod:`.params`); the connector touches files only inside its store
 (``kv_connector_extra_config={"store": FOLDER}``, default the user's store).
 
-Scheduler side: ``get_num_new_matched_tokens`` (how many prompt tokens a snapshot chain
-supplies), ``update_state_after_alloc`` (which engine blocks to fill), ``on_new_request``
-(check and remember a save request), ``build_connector_meta`` (this step's jobs),
-``update_connector_output`` (uncount blocks that failed to load), ``request_finished``
-(forget the request, report what happened). Worker side: ``register_kv_caches``,
-``start_load_kv`` (synchronous load before the forward), ``wait_for_save`` (write
-snapshots after it), ``get_block_ids_with_load_errors``.
+Scheduler side:
+
+* ``get_num_new_matched_tokens``: how many prompt tokens the snapshot chain supplies; the chain
+  is read and checked once per request, later calls (retries, resumptions) touch no file.
+* ``update_state_after_alloc``: which engine blocks of this allocation to fill (a request
+  resumed after a preemption gets new blocks and its load again).
+* ``on_new_request``: check and remember a save request.
+* ``build_connector_meta``: this step's load and save jobs, and the requests whose unwritten
+  saves read blocks this step writes (the worker finishes those saves first).
+* ``update_connector_output``: save results from the worker; uncount blocks that failed to load.
+* ``request_finished``: forget the request and report what happened (``kv_transfer_params
+  ["thaw"]``). It returns False even while a save reads the blocks: freed blocks keep their
+  bytes until vLLM allocates them again, and the step that does so first finishes the saves
+  reading them (as vLLM's own offloading connector fences its stores).
+
+Worker side:
+
+* ``register_kv_caches``; ``start_load_kv``: synchronous loads before the forward.
+* ``wait_for_save``: hand this step's saves to the background writer (GPU blocks are copied
+  to host memory first); ``handle_preemptions`` (before the forward): finish the saves that
+  still read blocks this step writes.
+* ``build_connector_worker_meta``: the save results, to the scheduler half.
+* ``get_block_ids_with_load_errors``; ``shutdown``: finish queued saves, stop the writer.
+
+A front learns a save's result from the request's report, or, while it says ``"pending"``,
+from the worker extension's ``thaw_save_result(snapshot_id)``.
 """
 
 from __future__ import annotations
@@ -30,7 +49,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from .config import ThawConnectorConfig
-from .metadata import ThawConnectorMetadata
+from .metadata import ThawConnectorMetadata, ThawWorkerMetadata
 from .scheduler import ThawScheduler
 from .worker import ThawWorker
 
@@ -104,8 +123,20 @@ class ThawConnector(KVConnectorBase_V1):
         if isinstance(metadata, ThawConnectorMetadata) and metadata.saves:
             self.worker.save(metadata)
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if isinstance(kv_connector_metadata, ThawConnectorMetadata):
+            self.worker.handle_preemptions(kv_connector_metadata)
+
+    def build_connector_worker_meta(self) -> ThawWorkerMetadata | None:
+        results = self.worker.take_results()
+        return ThawWorkerMetadata(results=results) if results else None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
 
     # -- scheduler side ------------------------------------------------------------------
     def get_num_new_matched_tokens(

@@ -1,16 +1,20 @@
-"""Plain data that crosses from the scheduler half to the worker half each step.
+"""Plain data that crosses between the connector's halves each step.
 
-Only ids, offsets and checksums: never tensors, handles or paths (the worker turns ids into
-files of its own store).
+Scheduler to worker (:class:`ThawConnectorMetadata`): only ids, offsets and checksums, never
+tensors, handles or paths (the worker turns ids into files of its own store). Worker to
+scheduler (:class:`ThawWorkerMetadata`): the results of the saves written since the last step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-__all__ = ["BlockSource", "LoadJob", "SaveJob", "ThawConnectorMetadata"]
+from .._compat import KVConnectorWorkerMetadata
+
+__all__ = ["BlockSource", "LoadJob", "SaveJob", "ThawConnectorMetadata", "ThawWorkerMetadata"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,3 +59,19 @@ class SaveJob:
 class ThawConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
+    # Requests whose saves may still read blocks that this step allocates to another request:
+    # the worker finishes those saves before the forward (handle_preemptions).
+    flush: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ThawWorkerMetadata(KVConnectorWorkerMetadata):
+    """Save results since the worker's last step: ``(request id, result)``, where a result is
+    ``{"snapshot_id", "status": "written", "tokens", "nbytes", "ms"}`` or
+    ``{"snapshot_id", "status": "failed", "error": {"type", "message", ...}}``."""
+
+    results: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> ThawWorkerMetadata:
+        assert isinstance(other, ThawWorkerMetadata)
+        return ThawWorkerMetadata(results=[*self.results, *other.results])

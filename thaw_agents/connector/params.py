@@ -12,13 +12,29 @@ prefix to snapshot.
 
 Both travel inside ``SamplingParams.extra_args["kv_transfer_params"]``, which vLLM copies onto
 its ``Request``; plain JSON, so they cross the engine-core process boundary.
+
+What comes back, in the finished request's ``kv_transfer_params["thaw"]``::
+
+    load  {"op": "load", "snapshot_id", "loaded_tokens", "recomputed_tokens", "reloaded_tokens",
+           "preemptions"}
+    save  {"op": "save", "snapshot_id", "status": "pending" | "written" | "failed", ...}
+    refused  {"op", "snapshot_id", "error": "why, in words"}  (the request prefilled instead)
+
+A save is written after the request finishes; while its report says ``"pending"`` a front asks
+the engine with ``collective_rpc("thaw_save_result", args=(snapshot_id,))`` until it answers
+(:func:`await_save`). A failed save's ``"error"`` is ``{"type", "message", "path"?, "errno"?}``;
+:func:`save_failure` turns it back into the typed error.
 """
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from .._errors import EngineError, SnapshotWriteError, ThawError
 
 __all__ = [
     "ID_PATTERN",
@@ -26,9 +42,11 @@ __all__ = [
     "LoadParams",
     "ParamsError",
     "SaveParams",
+    "await_save",
     "is_snapshot_id",
     "load_params",
     "parse_params",
+    "save_failure",
     "save_params",
 ]
 
@@ -36,6 +54,8 @@ PARAMS_KEY = "thaw"
 ID_PATTERN = re.compile(r"thaw-[0-9a-f]{32}")
 # Larger than any context vLLM serves today; stops absurd values before any arithmetic.
 _MAX_TOKENS = 1 << 24
+# How long a front waits for a save the engine has queued (a long queue of large snapshots).
+SAVE_TIMEOUT_S = 600.0
 
 
 class ParamsError(ValueError):
@@ -117,3 +137,63 @@ def parse_params(kv_transfer_params: Any) -> LoadParams | SaveParams | None:
             parent=_id_field(params, "parent", optional=True),
         )
     raise ParamsError(f"unknown thaw op {str(op)[:40]!r}; expected 'load' or 'save'")
+
+
+def await_save(
+    report: dict[str, Any] | None,
+    poll: Callable[[], dict[str, Any] | None],
+    *,
+    timeout: float = SAVE_TIMEOUT_S,
+) -> dict[str, Any] | None:
+    """A save's final result: ``report`` itself unless it says ``"pending"``, else what
+    ``poll()`` (the engine's ``thaw_save_result``) returns once it stops returning None.
+
+    Example:
+        >>> await_save({"op": "save", "status": "pending"}, lambda: {"status": "written"})
+        {'status': 'written'}
+
+    Raises:
+        EngineError: the engine has not finished the save within ``timeout`` seconds.
+    """
+    if not report or report.get("status") != "pending":
+        return report
+    deadline = time.monotonic() + timeout
+    interval = 0.002
+    while True:
+        result = poll()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise EngineError(
+                f"the engine has not finished writing snapshot {report.get('snapshot_id')} after "
+                f"{timeout:.0f} s; its writer may be stuck on a slow disk (see the engine log)"
+            )
+        time.sleep(interval)
+        interval = min(interval * 1.5, 0.05)
+
+
+def save_failure(result: dict[str, Any] | None, snapshot_id: str, dest: str) -> ThawError | None:
+    """The typed error a save's report or result stands for; None when it was written (or
+    when there is no report: the caller checks the file).
+
+    Example:
+        >>> save_failure({"status": "failed", "error": {"type": "SnapshotWriteError",
+        ...     "message": "no space left on the device"}}, "thaw-...", "/s/x.thaw")
+        SnapshotWriteError('/s/x.thaw: no space left on the device')
+    """
+    if not result or result.get("status") == "written":
+        return None
+    error = result.get("error")
+    if isinstance(error, dict):
+        kind, message = str(error.get("type")), str(error.get("message"))
+        if kind == "SnapshotWriteError":  # a full disk in the engine: the same typed error
+            errno = error.get("errno")
+            return SnapshotWriteError(
+                message, path=str(error.get("path") or dest), errno=errno if isinstance(errno, int) else None
+            )
+        return EngineError(f"the engine could not write the snapshot {snapshot_id}: {kind}: {message}")
+    if error:
+        return EngineError(f"the engine could not write the snapshot {snapshot_id}: {error}")
+    if result.get("status") in ("pending", "failed"):
+        return EngineError(f"the engine reported the save of {snapshot_id} as {result.get('status')!r}")
+    return None

@@ -22,11 +22,10 @@ from .._compat import uncount_external_tokens
 from .._errors import SnapshotMismatchError, ThawError
 from .._kvspec import KVSpec
 from .._manifest import KVManifest
-from .._store import record_save_error
 from .config import ThawConnectorConfig
 from .engine_spec import engine_fingerprint, platform_name
 from .manifests import ManifestCache
-from .metadata import BlockSource, LoadJob, SaveJob, ThawConnectorMetadata
+from .metadata import BlockSource, LoadJob, SaveJob, ThawConnectorMetadata, ThawWorkerMetadata
 from .params import PARAMS_KEY, LoadParams, ParamsError, SaveParams, parse_params
 
 if TYPE_CHECKING:
@@ -51,9 +50,11 @@ class _Load:
     start_block: int = 0
     num_blocks: int = 0
     job_block_ids: tuple[int, ...] = ()
-    emitted: bool = False  # the load job went to the worker
+    emitted: bool = False  # this allocation's load job went to the worker
+    loaded_tokens: int = 0  # by the first load (what num_cached_tokens counts)
+    reloaded_tokens: int = 0  # by loads after preemptions
     recomputed_tokens: int = 0
-    error: str | None = None
+    loads: int = 0
 
 
 @dataclass
@@ -65,7 +66,8 @@ class _PendingSave:
     parent_id: str | None
     parent_last_key: str
     block_ids: list[int] = field(default_factory=list)
-    done: bool = False
+    emitted: bool = False  # the save job went to the worker, which now holds the blocks
+    result: dict[str, Any] | None = None  # the worker's report, once written or failed
 
 
 class ThawScheduler:
@@ -80,6 +82,11 @@ class ThawScheduler:
         self._loads: dict[str, _Load] = {}
         self._saves: dict[str, _PendingSave] = {}
         self._refused: dict[str, tuple[str, str | None, str]] = {}  # req -> (op, id, why)
+        # Engine blocks that queued or running saves still read (block -> requests): vLLM may
+        # free them (the request finished or was preempted); before it hands one to another
+        # request, the worker waits for those saves (``ThawConnectorMetadata.flush``).
+        self._unwritten: dict[str, tuple[int, ...]] = {}
+        self._read_blocks: dict[int, set[str]] = {}
 
     # -- checks ------------------------------------------------------------------------
     def _check_engine(self, spec: KVSpec, path: str) -> None:
@@ -107,6 +114,13 @@ class ThawScheduler:
 
     # -- loads -------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        """Prompt tokens the request's snapshot supplies beyond ``num_computed_tokens``.
+
+        vLLM asks when a request is scheduled from the waiting queue: new, or resumed after a
+        preemption (which freed its blocks). The snapshot chain is read and checked on the
+        first call only; later calls (a retry after a failed allocation, a resumption) reuse
+        that plan and touch no file.
+        """
         state = self._loads.get(request.request_id)
         if state is None:
             if request.request_id in self._refused:
@@ -124,11 +138,6 @@ class ThawScheduler:
                 self._refuse(request, "load", params.snapshot_id, exc)
                 return 0, False
             self._loads[request.request_id] = state
-        if state.emitted:
-            # Scheduled again after a preemption: this half only loads into a request's first
-            # allocation, so whatever the prefix cache no longer holds is recomputed, never
-            # counted as loaded without a load.
-            return 0, False
         # vLLM must compute at least the last prompt token itself.
         limit_blocks = (request.num_prompt_tokens - 1) // self.block_size
         matched_tokens = min(state.matched_blocks, limit_blocks) * self.block_size
@@ -164,13 +173,21 @@ class ThawScheduler:
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         state = self._loads.get(request.request_id)
-        if state is None or num_external_tokens <= 0:
+        if state is None:
             return
+        # A new allocation (first schedule, or a resumption after a preemption): the load job,
+        # if any, goes out with this step's metadata, into these blocks.
         state.start_block = state.local_tokens // self.block_size
-        state.num_blocks = num_external_tokens // self.block_size
+        state.num_blocks = max(0, num_external_tokens) // self.block_size
+        state.emitted = False
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        """Blocks the worker could not load are recomputed by vLLM: stop counting them as served."""
+        """Take the worker's save results; uncount blocks that failed to load (vLLM
+        recomputes them) so ``num_cached_tokens`` only counts tokens actually loaded."""
+        worker_meta = connector_output.kv_connector_worker_meta
+        if isinstance(worker_meta, ThawWorkerMetadata):
+            for req_id, result in worker_meta.results:
+                self._take_result(req_id, result)
         invalid = connector_output.invalid_block_ids
         if not invalid:
             return
@@ -182,12 +199,36 @@ class ThawScheduler:
             recomputed = (len(state.job_block_ids) - bad[0]) * self.block_size
             state.recomputed_tokens += recomputed
             state.job_block_ids = ()
-            uncount_external_tokens(state.request, recomputed)
+            if state.loads == 1:  # a reload after a preemption is not in num_cached_tokens
+                state.loaded_tokens -= recomputed
+                uncount_external_tokens(state.request, recomputed)
+            else:
+                state.reloaded_tokens -= recomputed
             logger.warning(
                 "thaw: request %s: %d tokens of snapshot %s failed to load and were recomputed",
                 state.request.request_id,
                 recomputed,
                 state.snapshot_id,
+            )
+
+    def _take_result(self, req_id: str, result: dict[str, Any]) -> None:
+        for block in self._unwritten.pop(req_id, ()):
+            readers = self._read_blocks.get(block)
+            if readers is not None:
+                readers.discard(req_id)
+                if not readers:
+                    del self._read_blocks[block]
+        save = self._saves.get(req_id)
+        if save is not None and result.get("snapshot_id") == save.snapshot_id:
+            save.result = result
+        if result.get("status") == "failed":
+            error = result.get("error") or {}
+            logger.warning(
+                "thaw: request %s: snapshot %s was not written: %s: %s",
+                req_id,
+                result.get("snapshot_id"),
+                error.get("type"),
+                error.get("message"),
             )
 
     # -- saves -------------------------------------------------------------------------
@@ -203,7 +244,6 @@ class ThawScheduler:
             self._saves[request.request_id] = self._plan_save(request, params)
         except Exception as exc:
             self._refuse(request, "save", params.snapshot_id, exc)
-            record_save_error(self.store, params.snapshot_id, f"{type(exc).__name__}: {exc}")
 
     def _plan_save(self, request: Request, params: SaveParams) -> _PendingSave:
         prompt = tuple(request.prompt_token_ids or ())
@@ -230,50 +270,76 @@ class ThawScheduler:
     # -- per step ----------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> ThawConnectorMetadata:
         meta = ThawConnectorMetadata()
+        num_scheduled = scheduler_output.num_scheduled_tokens
+        written: list[int] = []  # blocks this step's loads and forwards write
         for new_req in scheduler_output.scheduled_new_reqs:
+            # New requests, and (with vLLM's V2 model runner) resumed ones.
             block_ids = list(new_req.block_ids[0]) if new_req.block_ids else []
-            state = self._loads.get(new_req.req_id)
-            if state is not None and state.num_blocks and not state.emitted:
-                targets = block_ids[state.start_block : state.start_block + state.num_blocks]
-                state.job_block_ids = tuple(targets)
-                state.emitted = True
-                meta.loads.append(
-                    LoadJob(
-                        req_id=new_req.req_id,
-                        snapshot_id=state.snapshot_id,
-                        block_ids=tuple(targets),
-                        sources=tuple(state.sources[state.start_block : state.start_block + len(targets)]),
-                    )
-                )
+            first = self._maybe_emit_load(meta, new_req.req_id, block_ids)
+            written += block_ids[min(first, new_req.num_computed_tokens // self.block_size) :]
             save = self._saves.get(new_req.req_id)
-            if save is not None:
+            if save is not None and not save.emitted:
                 save.block_ids = block_ids
                 self._maybe_emit_save(
                     meta,
                     new_req.req_id,
                     save,
                     new_req.num_computed_tokens,
-                    scheduler_output.num_scheduled_tokens.get(new_req.req_id, 0),
+                    num_scheduled.get(new_req.req_id, 0),
                 )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
+            new_ids = list(cached.new_block_ids[i][0]) if cached.new_block_ids[i] else None
+            resumed = req_id in cached.resumed_req_ids
+            if resumed and new_ids is not None:
+                # A preempted request back with a new allocation (all its blocks).
+                first = self._maybe_emit_load(meta, req_id, new_ids)
+                written += new_ids[min(first, cached.num_computed_tokens[i] // self.block_size) :]
+            elif new_ids is not None:
+                written += new_ids
             save = self._saves.get(req_id)
-            if save is None or save.done:
+            if save is None or save.emitted:
                 continue
-            new_ids = cached.new_block_ids[i]
             if new_ids is not None:
-                if req_id in cached.resumed_req_ids:
-                    save.block_ids = list(new_ids[0])
+                if resumed:
+                    save.block_ids = new_ids
                 else:
-                    save.block_ids.extend(new_ids[0])
+                    save.block_ids.extend(new_ids)
             self._maybe_emit_save(
-                meta,
-                req_id,
-                save,
-                cached.num_computed_tokens[i],
-                scheduler_output.num_scheduled_tokens.get(req_id, 0),
+                meta, req_id, save, cached.num_computed_tokens[i], num_scheduled.get(req_id, 0)
             )
+        if self._read_blocks:
+            readers: set[str] = set()
+            for block in written:
+                readers |= self._read_blocks.get(block, set())
+            meta.flush = sorted(readers)
         return meta
+
+    def _maybe_emit_load(self, meta: ThawConnectorMetadata, req_id: str, block_ids: list[int]) -> int:
+        """Emit the load of this allocation, if any; the index of its first block (the
+        request's block count when there is none)."""
+        state = self._loads.get(req_id)
+        if state is None or state.emitted:
+            return len(block_ids)
+        state.emitted = True
+        targets = tuple(block_ids[state.start_block : state.start_block + state.num_blocks])
+        state.job_block_ids = targets
+        if not targets:
+            return len(block_ids)
+        state.loads += 1
+        if state.loads == 1:
+            state.loaded_tokens = len(targets) * self.block_size
+        else:
+            state.reloaded_tokens += len(targets) * self.block_size
+        meta.loads.append(
+            LoadJob(
+                req_id=req_id,
+                snapshot_id=state.snapshot_id,
+                block_ids=targets,
+                sources=tuple(state.sources[state.start_block : state.start_block + len(targets)]),
+            )
+        )
+        return state.start_block
 
     def _maybe_emit_save(
         self,
@@ -283,15 +349,19 @@ class ThawScheduler:
         num_computed: int,
         num_scheduled: int,
     ) -> None:
-        if save.done or num_computed + num_scheduled < save.num_prompt_tokens:
+        if num_computed + num_scheduled < save.num_prompt_tokens:
             return  # the prompt is still being prefilled in chunks
-        save.done = True
+        save.emitted = True
         full_blocks = len(save.token_ids) // self.block_size
+        blocks = tuple(save.block_ids[save.first_block : full_blocks])
+        self._unwritten[req_id] = blocks
+        for block in blocks:
+            self._read_blocks.setdefault(block, set()).add(req_id)
         meta.saves.append(
             SaveJob(
                 req_id=req_id,
                 snapshot_id=save.snapshot_id,
-                block_ids=tuple(save.block_ids[save.first_block : full_blocks]),
+                block_ids=blocks,
                 first_block=save.first_block,
                 token_ids=save.token_ids,
                 parent_id=save.parent_id,
@@ -300,21 +370,37 @@ class ThawScheduler:
         )
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Forget the request; its output's ``kv_transfer_params["thaw"]`` says what happened."""
+        """Forget the request; its output's ``kv_transfer_params["thaw"]`` says what happened.
+
+        Returns False: vLLM frees the blocks at once, even while a save still reads them (as
+        vLLM's offloading connector does). Freed blocks keep their bytes until vLLM hands them
+        to another request, and :meth:`build_connector_meta` makes the worker finish the save
+        before that request's step writes them. Holding the blocks instead would keep them
+        until the engine's next step, which an in-process ``vllm.LLM`` only takes at the next
+        ``generate`` (and ``reset_prefix_cache`` would refuse to run meanwhile).
+        """
         state = self._loads.pop(request.request_id, None)
         save = self._saves.pop(request.request_id, None)
         refused = self._refused.pop(request.request_id, None)
         report: dict[str, Any] | None = None
         if state is not None:
-            loaded = max(0, state.num_blocks * self.block_size - state.recomputed_tokens)
             report = {
                 "op": "load",
                 "snapshot_id": state.snapshot_id,
-                "loaded_tokens": loaded,
+                "loaded_tokens": max(0, state.loaded_tokens),
                 "recomputed_tokens": state.recomputed_tokens,
+                "reloaded_tokens": max(0, state.reloaded_tokens),
+                "preemptions": int(getattr(request, "num_preemptions", 0) or 0),
             }
         elif save is not None:
             report = {"op": "save", "snapshot_id": save.snapshot_id}
+            if save.emitted:
+                report.update(save.result or {"status": "pending"})
+            else:
+                report.update(
+                    status="failed",
+                    error="the request finished before its prompt was computed; nothing was written",
+                )
         elif refused is not None:
             op, snapshot_id, why = refused
             report = {"op": op, "snapshot_id": snapshot_id, "error": why}

@@ -1,23 +1,28 @@
 """The worker half of the thaw connector.
 
 Runs where the KV cache lives (the engine-core process on CPU, the GPU worker process
-otherwise). Loads snapshot blocks into the cache before a step's forward and writes a
-request's prompt blocks to a snapshot file after it, in its store and nowhere else.
+otherwise). Loads snapshot blocks into the cache before a step's forward, synchronously; after
+the forward, hands a request's prompt blocks to a background writer (:mod:`.writer`) that
+writes the snapshot file, in its store and nowhere else, while the engine keeps stepping.
 
 Before a block is read, the file it comes from is checked against this engine's full KV spec
 (model fingerprint, dtype, block size, layout, resolved attention backend, shapes); each block's
 checksum is verified as it is read. Failures never raise into vLLM: a block that fails is
-reported so vLLM recomputes it (and the scheduler half corrects the served-token count), and a
-failed save leaves ``<store>/<expected id>.error``, which the front raises as a typed error.
+reported so vLLM recomputes it (and the scheduler half corrects the served-token count). Each
+save's result (written, or the error's type and message) goes to the scheduler half with the
+step's worker metadata and stays here, by snapshot id, for a front's ``thaw_save_result``,
+which turns a failure back into the typed error.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
+import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,11 +43,12 @@ from thaw_agents.accel import (
 
 from .._kvspec import KVSpec
 from .._manifest import ParentRef, check_compatible, derive_snapshot, write_kv_snapshot
-from .._store import record_save_error, snapshot_path
+from .._store import snapshot_path
 from .config import ThawConnectorConfig
 from .engine_spec import LayoutUnknownError, worker_spec
 from .manifests import ManifestCache
 from .metadata import LoadJob, SaveJob, ThawConnectorMetadata
+from .writer import SaveWriter, error_result
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -50,6 +56,8 @@ if TYPE_CHECKING:
 __all__ = ["ThawWorker"]
 
 logger = logging.getLogger(__name__)
+
+_KEEP_RESULTS = 256  # save results a front can still ask for (thaw_save_result)
 
 
 class ThawWorker:
@@ -67,6 +75,11 @@ class ThawWorker:
         self._manifests = ManifestCache(self.store)
         self._cuda_loader: CudaBlockLoader | None = None
         self._last_load: dict[str, Any] | None = None
+        self._writer = SaveWriter()
+        self._in_place: set[str] = set()  # requests whose queued saves read the cache rows
+        self._new_results: list[tuple[str, dict[str, Any]]] = []  # not yet sent to the scheduler
+        self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by snapshot id, for fronts
+        self._results_lock = threading.Lock()
 
     # -- setup -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -258,16 +271,104 @@ class ThawWorker:
 
     # -- saves -------------------------------------------------------------------------
     def save(self, metadata: ThawConnectorMetadata) -> None:
+        """Hand this step's saves to the background writer (called in ``wait_for_save``).
+
+        A GPU cache is copied to host memory here (a fast device-to-host copy, so the write
+        needs nothing of the cache); a CPU cache is read by the writer straight from the cache
+        rows, which vLLM does not overwrite before :meth:`handle_preemptions` lets it.
+        """
         for job in metadata.saves:
             try:
-                self._save(job)
+                staged = self._stage(job)
             except Exception as exc:
-                logger.error(
-                    "thaw: request %s: saving snapshot %s failed: %s", job.req_id, job.snapshot_id, exc
-                )
-                record_save_error(self.store, job.snapshot_id, f"{type(exc).__name__}: {exc}")
+                self._writer.submit(job.req_id, functools.partial(self._failed, job, exc))
+                continue
+            if staged is None:
+                self._in_place.add(job.req_id)
+            self._writer.submit(job.req_id, functools.partial(self._write, job, staged))
 
-    def _save(self, job: SaveJob) -> None:
+    def handle_preemptions(self, metadata: ThawConnectorMetadata) -> None:
+        """Before this step writes blocks that queued saves still read (vLLM freed them: the
+        request finished or was preempted), finish those saves. Saves of host copies need
+        nothing of the cache and are not waited for."""
+        wanted = [r for r in metadata.flush if r in self._in_place]
+        if wanted:
+            start = time.perf_counter()
+            self._writer.wait(wanted)
+            logger.debug(
+                "thaw: waited %.1f ms for %d saves before reusing their blocks",
+                (time.perf_counter() - start) * 1e3,
+                len(wanted),
+            )
+
+    def take_results(self) -> list[tuple[str, dict[str, Any]]]:
+        """(request id, result) of the saves finished since the last call (for the scheduler)."""
+        self._collect()
+        with self._results_lock:
+            results, self._new_results = self._new_results, []
+        return results
+
+    def save_result(self, snapshot_id: str) -> dict[str, Any] | None:
+        """The result of the latest save of ``snapshot_id`` among the last few hundred; None
+        while it is queued or being written (or when this engine never saved it)."""
+        self._collect()
+        with self._results_lock:
+            result = self._results.get(snapshot_id)
+        return dict(result) if result is not None else None
+
+    def shutdown(self) -> None:
+        """Write what is queued (its blocks are still held), then stop the writer."""
+        self._writer.shutdown()
+        self._collect()
+
+    def _collect(self) -> None:
+        """Move finished saves from the writer into the results (any thread: the engine's
+        step and a front's ``thaw_save_result`` call may come from different threads)."""
+        with self._results_lock:
+            for req_id, result in self._writer.take_done():
+                if not self._writer.busy(req_id):
+                    self._in_place.discard(req_id)
+                self._new_results.append((req_id, result))
+                sid = result.get("snapshot_id")
+                if sid:
+                    self._results[sid] = result
+                    self._results.move_to_end(sid)
+                    while len(self._results) > _KEEP_RESULTS:
+                        self._results.popitem(last=False)
+
+    def _stage(self, job: SaveJob) -> torch.Tensor | None:
+        """A host copy of the job's blocks when the cache cannot be read in place, else None."""
+        if not job.block_ids or block_views(self._layers, job.block_ids[:1], self._layout) is not None:
+            return None
+        spec = self._require_spec()
+        # Each queued save owns its copy (the shared staging buffer is the loads').
+        out = torch.empty(
+            (len(job.block_ids), spec.block_nbytes), dtype=torch.uint8, pin_memory=self._staging.pinned
+        )
+        return gather_blocks(self._layers, job.block_ids, layout=self._layout, out=out)
+
+    def _write(self, job: SaveJob, staged: torch.Tensor | None) -> dict[str, Any]:
+        """Runs on the writer thread: write the snapshot, return its result."""
+        start = time.perf_counter()
+        try:
+            self._save(job, staged)
+        except Exception as exc:
+            return self._failed(job, exc)
+        spec = self._require_spec()
+        return {
+            "snapshot_id": job.snapshot_id,
+            "status": "written",
+            "tokens": len(job.token_ids),
+            "blocks": len(job.block_ids),
+            "nbytes": len(job.block_ids) * spec.block_nbytes,
+            "ms": round((time.perf_counter() - start) * 1e3, 3),
+        }
+
+    def _failed(self, job: SaveJob, exc: Exception) -> dict[str, Any]:
+        logger.error("thaw: request %s: saving snapshot %s failed: %s", job.req_id, job.snapshot_id, exc)
+        return error_result(job.snapshot_id, exc)
+
+    def _save(self, job: SaveJob, staged: torch.Tensor | None = None) -> None:
         spec = self._require_spec()
         start = time.perf_counter()
         parent = None
@@ -285,15 +386,10 @@ class ThawWorker:
                 "caller's engine description is stale or the request was forged; nothing was written"
             )
         # On the CPU each block is written straight from the cache rows (one pwritev per
-        # block); elsewhere the blocks are gathered into the staging buffer first.
-        views = block_views(self._layers, job.block_ids, self._layout)
-        if views is None:
-            staged = gather_blocks(
-                self._layers,
-                job.block_ids,
-                layout=self._layout,
-                out=self._staging.rows(len(job.block_ids), spec.block_nbytes),
-            ).cpu()
+        # block); elsewhere from the host copy made in the engine step (_stage).
+        if staged is None:
+            views = block_views(self._layers, job.block_ids, self._layout) or []
+        else:
             views = [[memoryview(staged[i].numpy())] for i in range(len(job.block_ids))]
         container = write_kv_snapshot(self.store, spec, content, views)
         logger.debug(

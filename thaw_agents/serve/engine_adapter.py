@@ -75,3 +75,7 @@ class ServerEngineAdapter:
             return result
 
         return self._run(run())
+
+    def save_result(self, snapshot_id: str) -> dict[str, Any] | None:
+        """The engine's result for a save of ``snapshot_id``; None while it is being written."""
+        return self._run(self._engine.collective_rpc("thaw_save_result", args=(snapshot_id,)))[0]
