@@ -2,9 +2,12 @@
 
 Keys::
 
-    store   the folder the connector reads and writes snapshots in (default: the user's store,
-            ``THAW_AGENTS_STORE`` or ``~/.cache/thaw-agents/snapshots``). Nothing outside it
-            is ever opened on behalf of a request.
+    store         the folder the connector reads and writes snapshots in (default: the user's
+                  store, ``THAW_AGENTS_STORE`` or ``~/.cache/thaw-agents/snapshots``). Nothing
+                  outside it is ever opened on behalf of a request.
+    save_in_step  write each snapshot before the engine step ends (default false: a background
+                  writer does, while the engine keeps stepping). For measuring what a save costs
+                  the other requests (``benchmarks/fork_stall.py``).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ if TYPE_CHECKING:
 
 __all__ = ["ThawConnectorConfig"]
 
-_KNOWN_KEYS = {"store"}
+_KNOWN_KEYS = {"store", "save_in_step"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ThawConnectorConfig:
     store: Path
+    save_in_step: bool = False
 
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig) -> ThawConnectorConfig:
@@ -42,4 +46,7 @@ class ThawConnectorConfig:
         store = extra.get("store")
         if store is not None and not isinstance(store, str):
             raise ConfigError("kv_connector_extra_config['store'] must be a folder path")
-        return cls(store=open_store(store))
+        save_in_step = extra.get("save_in_step", False)
+        if not isinstance(save_in_step, bool):
+            raise ConfigError("kv_connector_extra_config['save_in_step'] must be true or false")
+        return cls(store=open_store(store), save_in_step=save_in_step)

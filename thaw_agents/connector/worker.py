@@ -76,6 +76,7 @@ class ThawWorker:
         self._cuda_loader: CudaBlockLoader | None = None
         self._last_load: dict[str, Any] | None = None
         self._writer = SaveWriter()
+        self._save_in_step = config.save_in_step
         self._in_place: set[str] = set()  # requests whose queued saves read the cache rows
         self._new_results: list[tuple[str, dict[str, Any]]] = []  # not yet sent to the scheduler
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by snapshot id, for fronts
@@ -286,6 +287,8 @@ class ThawWorker:
             if staged is None:
                 self._in_place.add(job.req_id)
             self._writer.submit(job.req_id, functools.partial(self._write, job, staged))
+            if self._save_in_step:
+                self._writer.wait([job.req_id])
 
     def handle_preemptions(self, metadata: ThawConnectorMetadata) -> None:
         """Before this step writes blocks that queued saves still read (vLLM freed them: the

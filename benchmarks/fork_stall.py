@@ -1,0 +1,209 @@
+"""What forking costs the other requests of an engine: the stall of a snapshot save.
+
+One request decodes (greedy, a long ``max_tokens``) in an ``AsyncLLM`` while the script sends,
+back to back, ``--forks`` fork requests of a ``--trunk``-token prefix that is already in the
+prefix cache (each computes one token and saves the trunk's blocks, ~92 MB on the default
+model). The decoding request's inter-token latency (ITL) is measured three ways, each in a
+fresh decode:
+
+  alone        nothing else runs
+  plain        the same requests on the trunk without saving (their own small step cost)
+  forks        the requests save snapshots (the stall a save adds to the others)
+
+``--save-in-step`` writes each snapshot inside the engine step instead of in the connector's
+background writer (how the connector worked before; ``save_in_step`` in the connector config).
+The goal: ITL p99 with forks / alone <= 1.10.
+
+Prints a table and writes benchmarks/results/fork_stall-<machine>-<date>.json (or ``--out``).
+
+Run: .venv/bin/python benchmarks/fork_stall.py [--trunk 4000] [--forks 8] [--save-in-step]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _trunk_tokens(tokenizer: Any, length: int) -> list[int]:
+    words = ("inventory", "shipment", "invoice", "warehouse", "customer", "order", "delay", "refund")
+    text = " ".join(f"Item {i}: {words[i % len(words)]} {i * 7 % 1000}." for i in range(length))
+    return tokenizer.encode(text)[:length]
+
+
+async def _one_token(engine: Any, tokens: list[int], transfer: dict[str, Any] | None) -> dict | None:
+    from vllm import SamplingParams, TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    extra = {"kv_transfer_params": transfer} if transfer else None
+    params = SamplingParams(
+        max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY, extra_args=extra
+    )
+    report = None
+    async for out in engine.generate(TokensPrompt(prompt_token_ids=tokens), params, uuid.uuid4().hex):
+        report = (out.kv_transfer_params or {}).get("thaw")
+    return report
+
+
+async def _fork(engine: Any, spec: Any, tokens: list[int]) -> float:
+    """One fork as thaw_agents.fork does it; the seconds until the snapshot is written."""
+    from thaw_agents._manifest import derive_snapshot
+    from thaw_agents.connector.params import await_save, save_failure, save_params
+
+    start = time.perf_counter()
+    sid = derive_snapshot(spec, tokens).snapshot_id
+    report = await _one_token(engine, tokens, save_params(sid, len(tokens)))
+    while report and report.get("status") == "pending":  # await_save, without blocking the loop
+        await asyncio.sleep(0.005)
+        result = (await engine.collective_rpc("thaw_save_result", args=(sid,)))[0]
+        report = result or report
+    failure = save_failure(await_save(report, lambda: None), sid, sid)
+    if failure is not None:
+        raise failure
+    return time.perf_counter() - start
+
+
+async def _decode_while(engine: Any, prompt: list[int], max_tokens: int, side: Any) -> list[float]:
+    """Inter-token latencies (ms) of one greedy decode while ``side()`` runs beside it."""
+    from vllm import SamplingParams, TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+    )
+    stamps: list[float] = []
+    started = asyncio.Event()
+
+    async def decode() -> None:
+        async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex):
+            stamps.extend([time.perf_counter()] * max(1, len(out.outputs[0].token_ids)))
+            if len(stamps) >= 8:
+                started.set()
+
+    task = asyncio.create_task(decode())
+    await started.wait()  # measure in steady decoding, not the prefill
+    first = len(stamps)
+    await side()
+    last = len(stamps)
+    await task
+    window = stamps[first - 1 : last]
+    return [(b - a) * 1e3 for a, b in itertools.pairwise(window)]
+
+
+def _p(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else float("nan")
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    import thaw_agents
+    from thaw_agents._kvspec import KVSpec
+
+    kwargs = thaw_agents.engine_kwargs(
+        args.model,
+        max_model_len=args.trunk + 512,
+        kv_connector_extra_config={"save_in_step": args.save_in_step},
+    )
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    try:
+        spec = KVSpec.from_json((await engine.collective_rpc("thaw_describe"))[0]["spec"])
+        tok = engine.tokenizer
+        trunk = _trunk_tokens(tok, args.trunk)
+        prompt = tok.encode("Count slowly from one to a thousand: one, two, three,")
+        await _fork(engine, spec, trunk)  # the trunk in the prefix cache, the code paths warm
+        fork_s: list[float] = []
+
+        async def nothing() -> None:
+            await asyncio.sleep(args.window_s)
+
+        async def plain() -> None:
+            for _ in range(args.forks):
+                await _one_token(engine, trunk, None)
+
+        async def forks() -> None:
+            for _ in range(args.forks):
+                fork_s.append(await _fork(engine, spec, trunk))
+
+        itl = {}
+        for name, side in (("alone", nothing), ("plain", plain), ("forks", forks)):
+            itl[name] = await _decode_while(engine, prompt, args.max_tokens, side)
+    finally:
+        engine.shutdown()
+    rows = {
+        name: {
+            "tokens": len(values),
+            "itl_p50_ms": _p(values, 50),
+            "itl_p99_ms": _p(values, 99),
+            "itl_max_ms": max(values) if values else float("nan"),
+        }
+        for name, values in itl.items()
+    }
+    return {
+        "benchmark": "fork_stall",
+        "trunk_tokens": args.trunk,
+        "forks": args.forks,
+        "snapshot_nbytes": (args.trunk // spec.block_size) * spec.block_nbytes,
+        "save_in_step": args.save_in_step,
+        "fork_ms_median": statistics.median(fork_s) * 1e3 if fork_s else None,
+        "itl": rows,
+        "p99_ratio_forks_vs_alone": rows["forks"]["itl_p99_ms"] / rows["alone"]["itl_p99_ms"],
+        "p99_ratio_forks_vs_plain": rows["forks"]["itl_p99_ms"] / rows["plain"]["itl_p99_ms"],
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="model path (default: the default model)")
+    parser.add_argument("--trunk", type=int, default=4000, help="trunk tokens")
+    parser.add_argument("--forks", type=int, default=8, help="forks saved while the request decodes")
+    parser.add_argument("--max-tokens", type=int, default=400, help="tokens the decoding request makes")
+    parser.add_argument("--window-s", type=float, default=3.0, help="length of the 'alone' window")
+    parser.add_argument("--save-in-step", action="store_true", help="write inside the engine step (before)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output file")
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ITL of a decoding request, forks of a {args.trunk}-token trunk")
+    for column in ("case", "tokens", "p50 ms", "p99 ms", "max ms"):
+        table.add_column(column, justify="left" if column == "case" else "right")
+    for name, row in result["itl"].items():
+        table.add_row(
+            name,
+            str(row["tokens"]),
+            f"{row['itl_p50_ms']:.1f}",
+            f"{row['itl_p99_ms']:.1f}",
+            f"{row['itl_max_ms']:.1f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"p99 forks/alone {result['p99_ratio_forks_vs_alone']:.2f}, forks/plain "
+        f"{result['p99_ratio_forks_vs_plain']:.2f}; a fork took {result['fork_ms_median'] or 0:.0f} ms "
+        f"(median); save_in_step={args.save_in_step}"
+    )
+    print(write_results("fork_stall", result, args.out))
+
+
+if __name__ == "__main__":
+    main()
