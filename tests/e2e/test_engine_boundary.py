@@ -24,7 +24,7 @@ from vllm import SamplingParams, TokensPrompt
 import thaw_agents
 from thaw_agents import ForkHandle, SnapshotFormatError, SnapshotMismatchError, SnapshotNotFoundError
 from thaw_agents._store import snapshot_path
-from thaw_agents.connector.params import load_params, save_params
+from thaw_agents.connector.params import await_save, load_params, save_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
@@ -178,11 +178,13 @@ def test_a_save_whose_tokens_do_not_make_the_named_id_writes_nothing(llm, trunk:
     with pytest.raises(SnapshotNotFoundError):
         ForkHandle.from_id(forged)
     llm.reset_prefix_cache()
-    _generate(llm, trunk["prompt"], save_params(forged, len(trunk["prompt"])))
+    out = _generate(llm, trunk["prompt"], save_params(forged, len(trunk["prompt"])))
+    assert _report(out)["status"] in ("pending", "failed")
+    result = await_save(_report(out), lambda: llm.collective_rpc("thaw_save_result", args=(forged,))[0])
+    assert result["status"] == "failed" and result["error"]["type"] == "ValueError"
+    assert "forged" in result["error"]["message"]
     assert not snapshot_path(store, forged).exists()
-    error = snapshot_path(store, forged).with_name(forged + ".error")
-    assert "forged" in error.read_text() or "stale" in error.read_text()
-    error.unlink()
+    assert not list(store.glob("*.error"))  # results come back in-band, never as side files
 
 
 def test_a_parent_whose_tokens_the_prompt_does_not_start_with_is_refused(
@@ -193,7 +195,6 @@ def test_a_parent_whose_tokens_the_prompt_does_not_start_with_is_refused(
     out = _generate(llm, other, save_params("thaw-" + "5" * 32, len(other), trunk["handle"].id))
     assert "parent" in _report(out)["error"]
     assert not snapshot_path(store, "thaw-" + "5" * 32).exists()
-    snapshot_path(store, "thaw-" + "5" * 32).with_name("thaw-" + "5" * 32 + ".error").unlink(missing_ok=True)
 
 
 _SLOW_WRITER = """
