@@ -38,7 +38,7 @@ from typing import Any
 
 from .._errors import ConfigError
 from ._async import AsyncLLMFront
-from ._base import Completion, Delta, Front, PrefixRun, Request, RequestTimeoutError, Result
+from ._base import Completion, Delta, Front, Prefix, PrefixRun, Request, RequestTimeoutError, Result
 from ._llm import LLMFront, engine_lock
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "Delta",
     "Front",
     "LLMFront",
+    "Prefix",
     "PrefixRun",
     "Request",
     "RequestTimeoutError",

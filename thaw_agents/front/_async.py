@@ -155,9 +155,13 @@ class AsyncLLMFront(Front):
             await stream.aclose()
 
     # -- tokens and RPCs --------------------------------------------------------------------------
+    def _engine_now(self) -> Any:
+        """The engine, from a thread other than its loop's (started there if it is not yet)."""
+        return self._engine if self._engine is not None else self._run(self.engine())
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        engine = self._run(self.engine())
-        return list(engine.get_tokenizer().encode(text, add_special_tokens=add_special_tokens))
+        tokenizer = self._engine_now().get_tokenizer()
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def prefix_token_ids(self, prefix: Any, tools: Sequence[Any] | None = None) -> list[int]:
         return super().prefix_token_ids(prefix, self._tools if tools is None else tools)
@@ -181,7 +185,7 @@ class AsyncLLMFront(Front):
         return self._run(self.arpc(method, args))
 
     def _model_config(self) -> Any:
-        return self._run(self.engine()).model_config
+        return self._engine_now().model_config
 
     def _cache_config(self) -> Any:
-        return self._run(self.engine()).vllm_config.cache_config
+        return self._engine_now().vllm_config.cache_config

@@ -217,7 +217,7 @@ def engine_failure(exc: BaseException) -> ThawError | None:
     if isinstance(exc, ThawError):
         return None
     if type(exc).__name__ == "EngineDeadError":
-        return EngineError(f"the vLLM engine died: {exc}; start a new engine")
+        return EngineError(f"the vLLM engine died: {exc}; create a new engine (vllm.LLM or ChatThaw)")
     try:
         from vllm.exceptions import VLLMValidationError
     except ImportError:  # an older vLLM: its validation errors are ValueErrors
