@@ -77,14 +77,15 @@ async def _fork(engine: Any, spec: Any, tokens: list[int]) -> float:
 
 
 async def _decode_while(engine: Any, prompt: list[int], max_tokens: int, side: Any) -> list[float]:
-    """Inter-token latencies (ms) of one greedy decode while ``side()`` runs beside it."""
+    """Inter-token latencies (ms) of one greedy decode while ``side(stamps)`` runs beside it
+    (``max_tokens`` must outlast it: tokens after the decode ends are not measured)."""
     from vllm import SamplingParams, TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
     params = SamplingParams(
         max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
     )
-    stamps: list[float] = []
+    stamps: list[float] = []  # one per token, when its delta arrived
     started = asyncio.Event()
 
     async def decode() -> None:
@@ -96,15 +97,17 @@ async def _decode_while(engine: Any, prompt: list[int], max_tokens: int, side: A
     task = asyncio.create_task(decode())
     await started.wait()  # measure in steady decoding, not the prefill
     first = len(stamps)
-    await side()
+    await side(stamps)
     last = len(stamps)
     await task
     window = stamps[first - 1 : last]
     return [(b - a) * 1e3 for a, b in itertools.pairwise(window)]
 
 
-def _p(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else float("nan")
+def _p(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,14 +131,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await _fork(engine, spec, trunk)  # the trunk in the prefix cache, the code paths warm
         fork_s: list[float] = []
 
-        async def nothing() -> None:
-            await asyncio.sleep(args.window_s)
+        async def nothing(stamps: list[float]) -> None:
+            target = len(stamps) + args.alone_tokens
+            while len(stamps) < target:
+                await asyncio.sleep(0.005)
 
-        async def plain() -> None:
+        async def plain(stamps: list[float]) -> None:
             for _ in range(args.forks):
                 await _one_token(engine, trunk, None)
 
-        async def forks() -> None:
+        async def forks(stamps: list[float]) -> None:
             for _ in range(args.forks):
                 fork_s.append(await _fork(engine, spec, trunk))
 
@@ -175,7 +180,7 @@ def main() -> None:
     parser.add_argument("--trunk", type=int, default=4000, help="trunk tokens")
     parser.add_argument("--forks", type=int, default=8, help="forks saved while the request decodes")
     parser.add_argument("--max-tokens", type=int, default=400, help="tokens the decoding request makes")
-    parser.add_argument("--window-s", type=float, default=3.0, help="length of the 'alone' window")
+    parser.add_argument("--alone-tokens", type=int, default=64, help="tokens measured alone")
     parser.add_argument("--save-in-step", action="store_true", help="write inside the engine step (before)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output file")
     args = parser.parse_args()
