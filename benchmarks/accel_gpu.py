@@ -248,8 +248,7 @@ def _native() -> Any:
 
 
 def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float]) -> list[dict[str, Any]]:
-    from thaw_agents.weights import freeze_tensors, restore_tensors
-    from thaw_agents.weights_restore import HostWeights
+    from thaw_agents.weights import HostWeights, freeze_tensors, restore_tensors
 
     shapes = llama_like(gib)
     gen = torch.Generator(device=DEV).manual_seed(0)
@@ -314,7 +313,7 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
         _row("weights restore page cache", nbytes, warm, "pinned memcpy H2D", limits["h2d_pinned_gbps"])
     )
     # With the GPU verifying, every host core is free to copy: how many readers pay off?
-    from thaw_agents import weights_restore
+    from thaw_agents.weights import _restore as weights_restore
 
     default_readers = weights_restore._NUM_READERS
     for readers in (8, 16):
@@ -397,7 +396,9 @@ def bench_weights(directory: str, gib: float, reps: int, limits: dict[str, float
 def bench_host_limits(path: str, cached: Any, nbytes: int, reps: int, limits: dict[str, float]) -> list:
     """What the host alone can do: copy the file out of the page cache, and hash it."""
     from thaw_agents.accel import read_into
-    from thaw_agents.weights_restore import _CHUNK_NBYTES, _NUM_READERS, _chunks, _Verifier
+    from thaw_agents.weights._restore import _CHUNK_NBYTES, _NUM_READERS
+    from thaw_agents.weights._restore import chunk_feed as _chunks
+    from thaw_agents.weights._verify import Verifier as _Verifier
 
     manifest = cached.manifest
     host = cached.host

@@ -467,7 +467,7 @@ def role_weights_engine(args: argparse.Namespace, io: Path) -> dict:
     thaw_log = logging.getLogger("thaw_agents")
     thaw_log.addHandler(handler)
     thaw_log.setLevel(logging.INFO)  # the loader's "restored ... GB/s, route" line
-    import thaw_agents.weights_vllm as wv
+    import thaw_agents.weights as wv
 
     wv.register()  # the entry point registers it too where the package is installed
     from vllm import LLM
@@ -497,7 +497,7 @@ def role_weights_engine(args: argparse.Namespace, io: Path) -> dict:
 
 def role_freeze(args: argparse.Namespace, io: Path) -> dict:
     spec = json.loads(io.read_text())
-    from thaw_agents.weights_vllm import freeze_model, register
+    from thaw_agents.weights import freeze_model, register
 
     register()
     kw = {"gpu_memory_utilization": args.gpu_mem} if _on_cuda() else {}

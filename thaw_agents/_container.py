@@ -7,11 +7,13 @@ One format for KV snapshots and frozen weights (see ``docs/snapshot-format.md``)
     offset 16   JSON header, UTF-8, space padded  so the payload starts 4096-aligned
     offset P    payload                          regions listed in the header
 
-Nothing in a container is executable: the header is JSON, the payload raw tensor bytes.
-The reader validates in a fixed order (magic, header size, UTF-8 + JSON, schema, version,
-offsets, then checksums on demand), each step with its own error class, before any
-payload byte is trusted. The writer is deterministic, atomic (temporary name, fsync,
-rename) and leaves files readable by their owner only.
+The header holds the container's own fields and, under a key named after the kind, the
+kind's fields (``{"format": "thaw", ..., "kind": "kv", "kv": {...}}``): a kind's fields can
+never stand in for a container field. Nothing in a container is executable: the header is
+JSON, the payload raw tensor bytes. The reader validates in a fixed order (magic, header
+size, UTF-8 + JSON, version, schema, offsets, then checksums on demand), each step with its
+own error class, before any payload byte is trusted. The writer is deterministic, atomic
+(temporary name, fsync, rename) and leaves files readable by their owner only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -49,19 +52,41 @@ from ._validate import (
 )
 
 __all__ = [
+    "CONTAINER_FIELDS",
     "FORMAT_VERSION",
     "MAGIC",
     "PAYLOAD_ALIGN",
     "Container",
     "Region",
+    "canonical_json",
     "checksum",
+    "container_header",
+    "encode_header",
     "read_container",
     "verify_regions",
     "write_container",
 ]
 
 MAGIC = b"THAWSNAP"
-FORMAT_VERSION = 1
+# 2: the kind's fields moved under their own key (1 had them beside the container's, where
+# a kind field named like a container field won). Files of 1 are refused, not converted:
+# they are caches (fork again) or frozen weights (freeze again).
+FORMAT_VERSION = 2
+# The container's own header fields; the only other key is the kind's.
+CONTAINER_FIELDS = (
+    "format",
+    "format_version",
+    "kind",
+    "checksum_algorithm",
+    "created_by",
+    "payload_nbytes",
+    "regions",
+)
+_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_REMEDY = {
+    "kv": "KV snapshots are caches: fork the prefix again with this thaw-agents",
+    "weights": "freeze the model again with this thaw-agents (thaw-agents freeze MODEL -o FILE)",
+}
 PAYLOAD_ALIGN = 4096
 # A header is a manifest, not data. A KV header costs ~20 bytes per token at block size 16
 # (the token id, and per block a chain key and a region entry), so 16 MiB fits ~800k tokens;
@@ -128,12 +153,51 @@ class Container:
     def kind(self) -> str:
         return str(self.header["kind"])
 
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The kind's own fields (``header[kind]``), as the kind's reader validates them."""
+        return self.header[self.kind]  # type: ignore[no-any-return]
 
-def _padded_header(header: dict[str, Any]) -> bytes:
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    @property
+    def created_by(self) -> str:
+        return str(self.header["created_by"])
+
+
+def canonical_json(header: dict[str, Any]) -> bytes:
+    """The one serialisation of a header: sorted keys, no spaces, UTF-8 (deterministic files,
+    and a stable input for a header checksum)."""
+    return json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def container_header(kind: str, meta: dict[str, Any], regions: Sequence[Region]) -> dict[str, Any]:
+    """The header of a container of ``kind``: the container's fields and ``{kind: meta}``.
+
+    Raises:
+        ValueError: ``kind`` is not a short lowercase name, or is a container field's name.
+    """
+    if not _KIND_RE.fullmatch(kind) or kind in CONTAINER_FIELDS:
+        raise ValueError(f"kind {kind!r} must be a short lowercase name other than {CONTAINER_FIELDS}")
+    from . import __version__
+
+    return {
+        "format": "thaw",
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "checksum_algorithm": CHECKSUM_ALGORITHM,
+        "created_by": f"thaw-agents {__version__}",
+        "payload_nbytes": sum(r.nbytes for r in regions),
+        "regions": [r.to_json() for r in regions],
+        kind: meta,
+    }
+
+
+def encode_header(header: dict[str, Any]) -> bytes:
+    """What precedes the payload: magic, length, the JSON header space-padded so the payload
+    starts ``PAYLOAD_ALIGN``-aligned."""
+    raw = canonical_json(header)
     total = _PREFIX.size + len(raw)
     padded = -(-total // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
-    return raw + b" " * (padded - total)
+    return _PREFIX.pack(MAGIC, padded - _PREFIX.size) + raw + b" " * (padded - total)
 
 
 def write_container(
@@ -149,7 +213,7 @@ def write_container(
     Args:
         path: destination file; its directory must exist.
         kind: what the payload is (``"kv"``, ``"weights"``).
-        meta: the kind's own manifest fields (JSON-serialisable, no key ``regions``).
+        meta: the kind's own fields (JSON-serialisable), stored under ``header[kind]``.
         regions: (name, bytes or a sequence of buffers written back to back) in payload
             order; checksummed here.
         fsync: flush to stable storage before the rename (off for shared memory).
@@ -162,16 +226,8 @@ def write_container(
         nbytes = sum(p.nbytes for p in parts)
         entries.append(Region(name=name, offset=offset, nbytes=nbytes, checksum=checksum(parts)))
         offset += nbytes
-    header = {
-        "format": "thaw",
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "checksum_algorithm": CHECKSUM_ALGORITHM,
-        "payload_nbytes": offset,
-        "regions": [r.to_json() for r in entries],
-        **meta,
-    }
-    blob = _padded_header(header)
+    header = container_header(kind, meta, entries)
+    blob = encode_header(header)
     directory = os.path.dirname(path) or "."
     try:
         # The pid in the name lets a store tell a dead writer's leftovers from a live one's.
@@ -181,7 +237,6 @@ def write_container(
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb", buffering=0) as handle:
-            _write_all(handle, _PREFIX.pack(MAGIC, len(blob)))
             _write_all(handle, blob)
             for _, parts in parted:
                 _writev_all(handle.fileno(), parts)
@@ -194,13 +249,13 @@ def write_container(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise write_failed(path, exc, _PREFIX.size + len(blob) + offset) from exc
+            raise write_failed(path, exc, len(blob) + offset) from exc
         raise
     return Container(
         path=path,
         header=header,
         regions=tuple(entries),
-        payload_offset=_PREFIX.size + len(blob),
+        payload_offset=len(blob),
         payload_nbytes=offset,
     )
 
@@ -247,8 +302,9 @@ def read_container(
 
     Validation order: a regular file (never a FIFO, device, socket or directory; no symlink
     when ``follow_symlinks`` is False), magic, header size, alignment, bounded UTF-8 JSON,
-    schema with strict types, format version, kind, region offsets (contiguous, covering the
-    payload exactly), file size. Use :func:`verify_regions` to check the checksums.
+    format version, schema with strict types (the container's fields and one object under
+    the kind's name, nothing else), kind, region offsets (contiguous, covering the payload
+    exactly), file size. Use :func:`verify_regions` to check the checksums.
 
     Raises:
         SnapshotNotFoundError, SnapshotFormatError, SnapshotVersionError,
@@ -288,14 +344,8 @@ def read_container(
         os.close(fd)
     header = loads_bounded(blob, path)
     del blob
+    _check_version(header, path)
     _check_schema(header, path)
-    version = header["format_version"]
-    if version != FORMAT_VERSION:
-        raise SnapshotVersionError(
-            f"format version {version!r}; this thaw-agents reads version {FORMAT_VERSION}. "
-            "Upgrade thaw-agents, or re-create the snapshot with this version.",
-            path=path,
-        )
     if expect_kind is not None and header["kind"] != expect_kind:
         raise SnapshotFormatError(f"this is a {header['kind']!r} file, expected {expect_kind!r}", path=path)
     regions = tuple(_parse_regions(header, path))
@@ -318,20 +368,51 @@ def read_container(
     )
 
 
-def _check_schema(header: Any, path: str) -> None:
+def _check_version(header: Any, path: str) -> None:
+    """The version first: a file of another version is named as such, whatever else changed."""
     if type(header) is not dict:
         raise SnapshotFormatError("header is not a JSON object", path=path)
-    for key in ("format", "format_version", "kind", "checksum_algorithm", "payload_nbytes", "regions"):
+    for key in ("format", "format_version"):
         if key not in header:
             raise SnapshotFormatError(f"header lacks the field {key!r}", path=path)
-    want_str(header["format"], "header field 'format'", path)
-    want_int(header["format_version"], "header field 'format_version'", path)
-    want_str(header["kind"], "header field 'kind'", path, max_len=64)
-    want_str(header["checksum_algorithm"], "header field 'checksum_algorithm'", path)
-    want_int(header["payload_nbytes"], "header field 'payload_nbytes'", path)
-    want_list(header["regions"], "header field 'regions'", path)
     if header["format"] != "thaw":
         raise SnapshotFormatError(f"format is {describe(header['format'])}, expected 'thaw'", path=path)
+    version = want_int(header["format_version"], "header field 'format_version'", path)
+    if version == FORMAT_VERSION:
+        return
+    kind = header.get("kind")
+    if version > FORMAT_VERSION:
+        remedy = "upgrade thaw-agents to read it"
+    elif isinstance(kind, str) and kind in _REMEDY:
+        remedy = _REMEDY[kind]
+    else:
+        remedy = "re-create it with this thaw-agents"
+    raise SnapshotVersionError(
+        f"format version {version}; this thaw-agents reads version {FORMAT_VERSION} only: {remedy}",
+        path=path,
+    )
+
+
+def _check_schema(header: dict[str, Any], path: str) -> None:
+    for key in CONTAINER_FIELDS:
+        if key not in header:
+            raise SnapshotFormatError(f"header lacks the field {key!r}", path=path)
+    kind = want_str(header["kind"], "header field 'kind'", path, max_len=64)
+    if not _KIND_RE.fullmatch(kind) or kind in CONTAINER_FIELDS:
+        raise SnapshotFormatError(f"kind {describe(kind)} is not a kind name", path=path)
+    extra = sorted(set(header) - {*CONTAINER_FIELDS, kind})
+    if extra:
+        raise SnapshotFormatError(
+            f"header holds fields outside the container and its {kind!r} object: {describe(extra)}",
+            path=path,
+        )
+    if kind not in header:
+        raise SnapshotFormatError(f"header lacks the {kind!r} object of its kind", path=path)
+    want_dict(header[kind], f"header field {kind!r}", path)
+    want_str(header["checksum_algorithm"], "header field 'checksum_algorithm'", path)
+    want_str(header["created_by"], "header field 'created_by'", path)
+    want_int(header["payload_nbytes"], "header field 'payload_nbytes'", path)
+    want_list(header["regions"], "header field 'regions'", path)
     if header["checksum_algorithm"] != CHECKSUM_ALGORITHM:
         raise SnapshotFormatError(
             f"unknown checksum algorithm {describe(header['checksum_algorithm'])}", path=path

@@ -3,17 +3,14 @@
 :func:`derive_snapshot` is the one place a snapshot id is made from tokens (``fork()``
 names the file it asks for, the worker recomputes it before writing, the reader before
 trusting a file); :func:`write_kv_snapshot` is the one writer (the connector's worker
-calls it); :func:`read_kv_manifest` the reader. The header a ``kind == "kv"`` container
-holds beyond the container:
-
-Fields (see ``docs/snapshot-format.md``)::
+calls it); :func:`read_kv_manifest` the reader. A ``kind == "kv"`` container's header holds
+these fields under ``"kv"`` (see ``docs/snapshot-format.md``)::
 
     kv_spec       the engine's KVSpec (model fingerprint, dtype, block size, layout, layers)
     hash_scheme   "thaw-chain-blake3-v1"
-    snapshot      id, first_block, num_blocks, token_ids (of this file's blocks),
+    snapshot      id, first_block, token_ids (of this file's blocks),
                   tail_token_ids (the partial block after them), keys (hex, one per block),
-                  parent ({snapshot_id, num_blocks, last_key} or null), num_prefix_tokens
-    created_by    "thaw-agents <version>"
+                  parent ({snapshot_id, num_blocks, last_key} or null)
 """
 
 from __future__ import annotations
@@ -171,12 +168,9 @@ def write_kv_snapshot(
     """
     if len(blocks) != content.num_blocks:
         raise ValueError(f"{len(blocks)} blocks for a snapshot of {content.num_blocks}")
-    from . import __version__
-
     dest = snapshot_path(store, content.snapshot_id)
     parent = content.parent
     meta = {
-        "created_by": f"thaw-agents {__version__}",
         "hash_scheme": HASH_SCHEME,
         "kv_spec": spec.to_json(),
         "snapshot": {
@@ -261,22 +255,25 @@ def read_kv_manifest(
     """
     del check_keys  # always on: see above
     container = read_container(path, expect_kind="kv", follow_symlinks=follow_symlinks)
-    header, where = container.header, container.path
-    if "kv_spec" not in header:
-        raise SnapshotFormatError("manifest lacks 'kv_spec'", path=where)
+    kv, where = container.meta, container.path
+    for key in ("kv_spec", "hash_scheme", "snapshot"):
+        if key not in kv:
+            raise SnapshotFormatError(f"header lacks 'kv.{key}'", path=where)
+    if len(kv) != 3:
+        raise SnapshotFormatError(f"'kv' holds unknown fields {describe(sorted(kv))}", path=where)
     try:
-        spec = KVSpec.from_json(header["kv_spec"])
+        spec = KVSpec.from_json(kv["kv_spec"])
     except SnapshotFormatError as exc:
         raise SnapshotFormatError(f"kv_spec is malformed: {exc}", path=where) from exc
     if expect_spec is not None:
         check_compatible(spec, expect_spec, path=where)
-    scheme = want_str(header.get("hash_scheme"), "manifest field 'hash_scheme'", where)
+    scheme = want_str(kv["hash_scheme"], "kv.hash_scheme", where)
     if scheme != HASH_SCHEME:
         raise SnapshotFormatError(
             f"hash scheme {describe(scheme)} is unknown; this thaw-agents uses {HASH_SCHEME!r}",
             path=where,
         )
-    snap = want_dict(header.get("snapshot"), "manifest field 'snapshot'", where)
+    snap = want_dict(kv["snapshot"], "kv.snapshot", where)
     for key in ("id", "first_block", "token_ids", "tail_token_ids", "keys"):
         if key not in snap:
             raise SnapshotFormatError(f"manifest lacks 'snapshot.{key}'", path=where)
@@ -332,7 +329,6 @@ def read_kv_manifest(
             "remove it and save the snapshot again",
             path=where,
         )
-    created_by = header.get("created_by", "")
     return KVManifest(
         container=container,
         spec=spec,
@@ -342,7 +338,7 @@ def read_kv_manifest(
         tail_token_ids=tail,
         keys=tuple(keys),
         parent=parent,
-        created_by=want_str(created_by, "manifest field 'created_by'", where),
+        created_by=container.created_by,
     )
 
 

@@ -18,7 +18,7 @@ def register() -> None:
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     from ._engine import CONNECTOR_MODULE, CONNECTOR_NAME
-    from .weights_vllm import register as register_weights
+    from .weights import register as register_weights
 
     register_weights()
     if CONNECTOR_NAME not in getattr(KVConnectorFactory, "_registry", {}):

@@ -108,8 +108,7 @@ def _cmd_freeze(args: argparse.Namespace) -> int:
     import time
 
     from ._errors import EngineError, ThawError
-    from .weights import read_weights_manifest
-    from .weights_vllm import freeze_model
+    from .weights import freeze_model, read_weights_manifest
 
     _check_freeze_args(args.model, args.output)
     _quiet_engine_logs("freeze", args.verbose)

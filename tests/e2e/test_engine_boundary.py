@@ -140,7 +140,7 @@ def test_a_snapshot_of_another_dtype_is_refused_by_the_worker_and_not_counted(
     second is recomputed, and the served-token count says so."""
 
     def to_fp16(header: dict) -> None:
-        header["kv_spec"]["dtype"] = snapfiles.other_dtype(header["kv_spec"]["dtype"])
+        header["kv"]["kv_spec"]["dtype"] = snapfiles.other_dtype(header["kv"]["kv_spec"]["dtype"])
         snapfiles.reid(header)
 
     foreign = ForkHandle.load(snapfiles.rewrite_header(trunk["handle"].path, tmp_path / "f.thaw", to_fp16))
@@ -270,7 +270,7 @@ def test_another_models_snapshot_with_the_same_shapes_is_never_served(tiny_pair)
 
 def test_a_snapshot_of_another_vllm_release_is_refused(llm, trunk: dict, tmp_path: Path) -> None:
     def older(header: dict) -> None:
-        header["kv_spec"]["vllm_version"] = "0.31.2"
+        header["kv"]["kv_spec"]["vllm_version"] = "0.31.2"
 
     original = trunk["handle"].path.read_bytes()
     try:  # the same tokens, so the same id: the import replaces the trunk's own file for a while

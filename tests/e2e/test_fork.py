@@ -65,9 +65,11 @@ def test_handle_describes_the_prefix(trunk: dict, llm) -> None:
     assert handle.id.startswith("thaw-") and isinstance(handle.id, str)
     assert handle.num_tokens >= 1000
     assert handle.num_snapshot_tokens == handle.num_tokens // block_size * block_size
-    assert handle.manifest["snapshot"]["token_ids"] == list(handle.token_ids[: handle.num_snapshot_tokens])
+    assert handle.manifest["kv"]["snapshot"]["token_ids"] == list(
+        handle.token_ids[: handle.num_snapshot_tokens]
+    )
     engine_dtype = str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
-    assert handle.manifest["kv_spec"]["dtype"] == engine_dtype
+    assert handle.manifest["kv"]["kv_spec"]["dtype"] == engine_dtype
     if is_cpu_platform():  # bfloat16 only where the CPU has native bf16 arithmetic
         assert engine_dtype == cpu_dtype()
     assert (handle.path.stat().st_mode & 0o777) == 0o600
@@ -187,7 +189,7 @@ def test_snapshot_holds_one_session_only(llm, trunk: dict) -> None:
     _run(llm, tok.encode(b_text), SamplingParams(max_tokens=1))  # B sits in the prefix cache
     a = thaw_agents.fork(llm, a_text)
     b = thaw_agents.fork(llm, b_text)
-    a_tokens = a.manifest["snapshot"]["token_ids"]
+    a_tokens = a.manifest["kv"]["snapshot"]["token_ids"]
     assert a_tokens == tok.encode(a_text)[: a.num_snapshot_tokens]
     b_blocks = {
         tuple(b.token_ids[i : i + b.block_size]) for i in range(0, b.num_snapshot_tokens, b.block_size)
@@ -273,7 +275,7 @@ def test_truncated_file(llm, trunk: dict, tmp_path: Path) -> None:
 
 def test_edited_dtype_is_refused_by_the_engine(llm, trunk: dict, tmp_path: Path) -> None:
     def to_fp16(header: dict) -> None:
-        header["kv_spec"]["dtype"] = snapfiles.other_dtype(header["kv_spec"]["dtype"])
+        header["kv"]["kv_spec"]["dtype"] = snapfiles.other_dtype(header["kv"]["kv_spec"]["dtype"])
 
     bad = snapfiles.rewrite_header(trunk["handle"].path, tmp_path / "fp16.thaw", to_fp16)
     handle = ForkHandle.load(bad)  # the file itself is consistent
@@ -287,7 +289,7 @@ def test_edited_dtype_is_refused_by_the_engine(llm, trunk: dict, tmp_path: Path)
 
 def test_edited_block_size(trunk: dict, tmp_path: Path) -> None:
     def halve(header: dict) -> None:
-        header["kv_spec"]["block_size"] = 16
+        header["kv"]["kv_spec"]["block_size"] = 16
 
     bad = snapfiles.rewrite_header(trunk["handle"].path, tmp_path / "bs.thaw", halve)
     with pytest.raises(SnapshotFormatError, match="blocks of 16"):
@@ -296,7 +298,7 @@ def test_edited_block_size(trunk: dict, tmp_path: Path) -> None:
 
 def test_edited_tokens_are_caught(trunk: dict, tmp_path: Path) -> None:
     def swap(header: dict) -> None:
-        header["snapshot"]["token_ids"][5] += 1
+        header["kv"]["snapshot"]["token_ids"][5] += 1
 
     bad = snapfiles.rewrite_header(trunk["handle"].path, tmp_path / "tok.thaw", swap)
     with pytest.raises(SnapshotFormatError, match="keys do not match"):

@@ -237,7 +237,7 @@ class TestLocalPool:
         other = snapfiles.other_dtype(handle.spec.dtype)
 
         def to_other(header: dict) -> None:
-            header["kv_spec"]["dtype"] = other
+            header["kv"]["kv_spec"]["dtype"] = other
 
         bad = ForkHandle.load(snapfiles.rewrite_header(handle.path, tmp_path / "other.thaw", to_other))
         before = [w.tasks_done for w in pool.workers]

@@ -106,7 +106,7 @@ def test_bad_ids_get_clear_statuses_and_the_server_keeps_serving(server, trunk: 
     source = server.store / f"{trunk['snapshot']['id']}.thaw"
 
     def to_fp16(header: dict) -> None:
-        header["kv_spec"]["dtype"] = snapfiles.other_dtype(header["kv_spec"]["dtype"])
+        header["kv"]["kv_spec"]["dtype"] = snapfiles.other_dtype(header["kv"]["kv_spec"]["dtype"])
 
     staged = snapfiles.rewrite_header(source, tmp_path / "fp16.thaw", to_fp16, recompute_id=True)
     foreign_id = read_kv_manifest(staged).snapshot_id
@@ -124,7 +124,7 @@ def test_snapshots_are_listed_described_fetched_and_deleted(server, trunk: dict)
     status, listing = server.request("GET", "/v1/thaw/snapshots")
     assert status == 200 and sid in {s["id"] for s in listing["data"]}
     status, info = server.request("GET", f"/v1/thaw/snapshots/{sid}")
-    assert status == 200 and info["manifest"]["snapshot"]["id"] == sid
+    assert status == 200 and info["manifest"]["kv"]["snapshot"]["id"] == sid
     status, content = server.request("GET", f"/v1/thaw/snapshots/{sid}/content")
     assert status == 200 and content == (server.store / f"{sid}.thaw").read_bytes()
     status, made = server.request("POST", "/v1/thaw/snapshots", {"prompt": "A throwaway prefix. " * 12})

@@ -26,6 +26,7 @@ from thaw_agents import (
     SnapshotWriteError,
 )
 from thaw_agents.weights import (
+    HostWeights,
     freeze_module,
     freeze_tensors,
     module_tensors,
@@ -33,7 +34,6 @@ from thaw_agents.weights import (
     restore_module,
     restore_tensors,
 )
-from thaw_agents.weights_restore import HostWeights
 
 SOURCES = ["auto", "direct", "buffered", "mmap"]
 
@@ -232,7 +232,7 @@ def test_vllm_thaw_load_format_matches_a_normal_load(tmp_path_factory: pytest.Te
 
 
 def test_freeze_cli_arguments(monkeypatch, tmp_path: Path, capsys) -> None:
-    from thaw_agents import cli, weights_vllm
+    from thaw_agents import cli, weights
 
     calls = []
 
@@ -241,7 +241,7 @@ def test_freeze_cli_arguments(monkeypatch, tmp_path: Path, capsys) -> None:
         freeze_tensors(output, {"w": torch.ones(2)}, model_name="m", model_fingerprint="f")
         return str(output)
 
-    monkeypatch.setattr(weights_vllm, "freeze_model", fake_freeze)
+    monkeypatch.setattr(weights, "freeze_model", fake_freeze)
     out = tmp_path / "w.thaw"
     assert cli.main(["freeze", "default", "--output", str(out), "--dtype", "bfloat16"]) == 0
     assert calls == [(None, str(out), {"dtype": "bfloat16"})]

@@ -18,7 +18,7 @@ def _module():
 
 
 def test_restore_from_shm_ring_route(tmp_path, monkeypatch):
-    from thaw_agents import weights_restore
+    from thaw_agents.weights import _restore as weights_restore
     from thaw_agents.weights import freeze_module, restore_module
 
     monkeypatch.setattr(weights_restore, "_CHUNK_NBYTES", 1 << 20)  # many chunks, ring reused

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from thaw_agents import _container
 from thaw_agents._container import MAGIC, PAYLOAD_ALIGN, read_container
 
 
@@ -34,15 +35,15 @@ def split(data: bytes) -> tuple[dict[str, Any], int]:
 
 
 def reid(header: dict[str, Any]) -> None:
-    """Recompute ``snapshot.id`` of an edited KV header, as a careful forger would, so that a
+    """Recompute ``kv.snapshot.id`` of an edited KV header, as a careful forger would, so that a
     test reaches the checks beyond the id (the engine's spec comparison). Leaves headers that
     do not parse as they are."""
     from thaw_agents._kvspec import KVSpec
     from thaw_agents._manifest import ParentRef, derive_snapshot
 
     try:
-        snap = header["snapshot"]
-        spec = KVSpec.from_json(header["kv_spec"])
+        snap = header["kv"]["snapshot"]
+        spec = KVSpec.from_json(header["kv"]["kv_spec"])
         keys, parent = snap["keys"], snap.get("parent")
         last = keys[-1] if keys else (parent["last_key"] if parent else "")
         # The id of the stored keys (not of keys recomputed from the tokens): the tail alone,
@@ -53,26 +54,33 @@ def reid(header: dict[str, Any]) -> None:
         return
 
 
+def reseal(header: dict[str, Any]) -> None:
+    """Make an edited header self-consistent again, as a careful forger would: a KV header
+    gets the id of its content (:func:`reid`), a weights header its ``header_checksum``."""
+    if header.get("kind") == "kv":
+        reid(header)
+    elif header.get("kind") == "weights":
+        from thaw_agents.weights._manifest import _header_checksum
+
+        header["weights"]["header_checksum"] = _header_checksum(header)
+
+
 def rewrite_header(
     src: Path, dst: Path, mutate: Callable[[dict[str, Any]], None], *, recompute_id: bool = True
 ) -> Path:
     """Copy ``src`` to ``dst`` with its JSON header changed by ``mutate`` (payload unchanged).
 
-    ``recompute_id``: give a KV header the id of its edited content (see :func:`reid`);
-    False leaves the stored id, which the reader then refuses.
+    ``mutate`` gets the whole header: the container's fields, and the kind's under ``"kv"`` or
+    ``"weights"``. ``recompute_id``: make the edited header self-consistent (see :func:`reseal`);
+    False leaves the stored id or checksum, which the reader then refuses.
     """
     container = read_container(src)
     header = json.loads(json.dumps(container.header))
     mutate(header)
-    if recompute_id and header.get("kind") == "kv":
-        reid(header)
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    total = 16 + len(raw)
-    padded = -(-total // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
-    raw += b" " * (padded - total)
+    if recompute_id:
+        reseal(header)
     with open(src, "rb") as inp, open(dst, "wb") as out:
-        out.write(struct.pack("<8sQ", MAGIC, len(raw)))
-        out.write(raw)
+        out.write(_container.encode_header(header))
         inp.seek(container.payload_offset)
         shutil.copyfileobj(inp, out)
     os.chmod(dst, 0o600)

@@ -207,11 +207,10 @@ def test_write_segments_from_gpu_and_read_back(tmp_path) -> None:
 @pytest.mark.parametrize("landing", [True, False])
 def test_weights_round_trip_on_gpu(tmp_path, source: str, landing: bool, monkeypatch) -> None:
     pytest.importorskip("blake3")
-    from thaw_agents import weights_restore
-    from thaw_agents.weights import freeze_module, restore_module
+    from thaw_agents.weights import _restore, freeze_module, restore_module
 
     if not landing:
-        monkeypatch.setattr(weights_restore, "_LANDING_MARGIN_NBYTES", 1 << 50)
+        monkeypatch.setattr(_restore, "_LANDING_MARGIN_NBYTES", 1 << 50)
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 3)).to(DEV, torch.bfloat16)
     folder = "/dev/shm" if source == "mmap" and os.path.isdir("/dev/shm") else tmp_path
     path = os.path.join(folder, f"w-{os.getpid()}-{source}.thaw")
@@ -245,8 +244,7 @@ def test_weights_round_trip_on_gpu(tmp_path, source: str, landing: bool, monkeyp
 
 def test_host_weights_restore_on_gpu(tmp_path) -> None:
     pytest.importorskip("blake3")
-    from thaw_agents.weights import freeze_tensors
-    from thaw_agents.weights_restore import HostWeights
+    from thaw_agents.weights import HostWeights, freeze_tensors
 
     tensors = {f"t{i}": torch.randn(1000 + i, device=DEV) for i in range(5)}
     freeze_tensors(tmp_path / "h.thaw", tensors, model_name="m", model_fingerprint="f")
@@ -296,11 +294,11 @@ def test_blake3_on_the_gpu_matches_the_package() -> None:
 def test_verified_landing_restore_hashes_on_the_gpu(tmp_path, monkeypatch) -> None:
     """Many regions over several hashing launches; a flipped byte in the middle is caught."""
     pytest.importorskip("blake3")
-    from thaw_agents import SnapshotChecksumError, weights_restore
-    from thaw_agents.weights import freeze_tensors, restore_tensors
+    from thaw_agents import SnapshotChecksumError
+    from thaw_agents.weights import _restore, _verify, freeze_tensors, restore_tensors
 
-    monkeypatch.setattr(weights_restore, "_GPU_BATCH_NBYTES", 1 << 20)
-    monkeypatch.setattr(weights_restore, "_CHUNK_NBYTES", 1 << 20)
+    monkeypatch.setattr(_verify, "_GPU_BATCH_NBYTES", 1 << 20)
+    monkeypatch.setattr(_restore, "_CHUNK_NBYTES", 1 << 20)
     tensors = {f"t{i}": torch.randn(37_000 + 513 * i, device=DEV) for i in range(40)}
     path = tmp_path / "many.thaw"
     freeze_tensors(path, tensors, model_name="m", model_fingerprint="f")

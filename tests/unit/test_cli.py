@@ -57,8 +57,9 @@ def test_info_on_an_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixtur
 def _kv_header_with(model_name: str) -> bytes:
     """A KV header whose model name holds terminal escapes (the file is refused later, by its
     id; what matters here is how its strings are printed in the error)."""
-    header = {"format": "thaw", "format_version": 1, "kind": "kv", "checksum_algorithm": "blake3",
-              "payload_nbytes": 0, "regions": [], "kv_spec": {"model_name": model_name}}  # fmt: skip
+    header = {"format": "thaw", "format_version": 2, "kind": "kv", "checksum_algorithm": "blake3",
+              "created_by": model_name, "payload_nbytes": 0, "regions": [],
+              "kv": {"kv_spec": {"model_name": model_name}}}  # fmt: skip
     raw = json.dumps(header, ensure_ascii=True).encode()
     return raw + b" " * (-(16 + len(raw)) % 4096)
 
@@ -104,7 +105,9 @@ def test_info_shows_header_strings_escaped(tmp_path: Path, capsys: pytest.Captur
     assert "evil\\x1b[2J\\nchecksums  verified\\u2028" in out
     assert out.splitlines()[-1].split() == ["checksums", "verified"]
     code, out, err = _run(capsys, "info", str(path), "--json")
-    assert code == 0 and out.isascii() and json.loads(out)["kv_spec"]["model_name"].startswith("evil\x1b")
+    assert (
+        code == 0 and out.isascii() and json.loads(out)["kv"]["kv_spec"]["model_name"].startswith("evil\x1b")
+    )
 
 
 def test_verbose_flag_before_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

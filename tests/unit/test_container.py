@@ -19,7 +19,7 @@ from thaw_agents import (
     SnapshotVersionError,
     SnapshotWriteError,
 )
-from thaw_agents._container import MAGIC, read_container, verify_regions, write_container
+from thaw_agents._container import FORMAT_VERSION, MAGIC, read_container, verify_regions, write_container
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_header_not_json(tmp_path: Path) -> None:
 
 
 def test_header_schema(tmp_path: Path) -> None:
-    header = json.dumps({"format": "thaw", "format_version": 1}).encode()
+    header = json.dumps({"format": "thaw", "format_version": FORMAT_VERSION}).encode()
     with pytest.raises(SnapshotFormatError, match="lacks"):
         read_container(_raw(tmp_path / "f", header))
 
@@ -123,19 +123,65 @@ def test_header_schema(tmp_path: Path) -> None:
 def _header(**overrides) -> bytes:
     base = {
         "format": "thaw",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "kind": "test",
         "checksum_algorithm": "blake3",
+        "created_by": "thaw-agents test",
         "payload_nbytes": 4,
         "regions": [{"name": "a", "offset": 0, "nbytes": 4, "checksum": "0" * 64}],
+        "test": {},
     }
     base.update(overrides)
-    return json.dumps(base).encode()
+    return json.dumps({k: v for k, v in base.items() if v is not None}).encode()
 
 
 def test_unknown_version(tmp_path: Path) -> None:
-    with pytest.raises(SnapshotVersionError, match="version 99"):
+    with pytest.raises(SnapshotVersionError, match=r"version 99; .* reads version 2 only: upgrade"):
         read_container(_raw(tmp_path / "f", _header(format_version=99), b"abcd"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "remedy"), [("kv", "fork the prefix again"), ("weights", "freeze the model")]
+)
+def test_version_1_files_are_refused_with_what_to_do(tmp_path: Path, kind: str, remedy: str) -> None:
+    """Version 1 kept the kind's fields beside the container's; those files are refused, named
+    as such (never misread as a malformed version 2 file), with the way to re-create them."""
+    old = {"format": "thaw", "format_version": 1, "kind": kind, "checksum_algorithm": "blake3",
+           "payload_nbytes": 0, "regions": [], "created_by": "thaw-agents 0.1.0", "kv_spec": {}}  # fmt: skip
+    with pytest.raises(
+        SnapshotVersionError, match=f"version 1; this thaw-agents reads version 2 only: .*{remedy}"
+    ):
+        read_container(_raw(tmp_path / "f", json.dumps(old).encode()))
+
+
+def test_kind_fields_cannot_stand_in_for_container_fields(tmp_path: Path) -> None:
+    """A kind's fields live under its own key: a ``format_version`` or ``regions`` among them is
+    the kind's business, and the container's own fields are the ones read."""
+    meta = {"format_version": 99, "regions": [], "payload_nbytes": 0, "kind": "weights"}
+    written = write_container(tmp_path / "k.thaw", "test", meta, [("a", b"abcd")])
+    container = read_container(written.path)
+    assert container.header["format_version"] == FORMAT_VERSION and container.kind == "test"
+    assert container.payload_nbytes == 4 and container.meta == meta
+    with pytest.raises(ValueError, match="kind"):
+        write_container(tmp_path / "r.thaw", "regions", {}, [])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"note": "beside the container"}, "outside the container"),
+        ({"test": None}, "lacks the 'test' object"),
+        ({"test": [1]}, "must be an object"),
+        ({"kind": "regions", "test": None}, "not a kind name"),
+        ({"kind": "Kind/../x", "test": None}, "not a kind name"),
+        ({"created_by": None}, "lacks the field 'created_by'"),
+    ],
+)
+def test_header_holds_the_container_and_one_kind_object(
+    tmp_path: Path, overrides: dict, message: str
+) -> None:
+    with pytest.raises(SnapshotFormatError, match=message):
+        read_container(_raw(tmp_path / "f", _header(**overrides), b"abcd"))
 
 
 def test_regions_must_cover_payload(tmp_path: Path) -> None:

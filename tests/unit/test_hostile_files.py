@@ -38,8 +38,7 @@ import thaw_agents
 from thaw_agents import ForkHandle, SnapshotError, ThawError, cli
 from thaw_agents._container import read_container, verify_regions
 from thaw_agents._manifest import read_kv_manifest
-from thaw_agents.weights import freeze_tensors, read_weights_manifest, restore_tensors
-from thaw_agents.weights_restore import HostWeights
+from thaw_agents.weights import HostWeights, freeze_tensors, read_weights_manifest, restore_tensors
 
 # Per call: a hang detector in wall time (a FIFO or a blocked read uses no CPU), generous
 # because a loaded 2-core machine can stall a thread for seconds; and a bound on the CPU time
@@ -127,7 +126,7 @@ def _same(name: str, got: Any, want: Any, loose: Callable[[Any], Any] | None = N
 
 # -- observations: what a reader's result means, as comparable plain data ----------------------
 def _container_view(c: Any) -> tuple[Any, ...]:
-    """What the container reader answers for (the kind readers check the rest of the header)."""
+    """What the container reader answers for (the kind readers check the kind's object)."""
     fields = ("format", "format_version", "kind", "checksum_algorithm")
     return (c.regions, c.payload_offset, c.payload_nbytes, [c.header[k] for k in fields])
 
@@ -175,8 +174,9 @@ def _weights_view(m: Any) -> tuple[Any, ...]:
 
 
 def _weights_loose(view: tuple[Any, ...]) -> tuple[Any, ...]:
-    # The model name and fingerprint are claims (nothing in a weights file binds them; a
-    # restore compares the fingerprint with expect_fingerprint): the tensors must be the same.
+    # The model name and fingerprint are claims (header_checksum refuses an edited header, but
+    # anyone may write a consistent one; a restore compares the fingerprint with
+    # expect_fingerprint): the tensors must be the same.
     return (view[2], _container_loose(view[4]))
 
 
@@ -609,6 +609,7 @@ def test_a_sparse_2_gib_region_is_verified_in_bounded_memory(
     header["weights"]["tensors"][0]["dtype"] = "bfloat16"
     header["regions"] = [{**first, "nbytes": huge}]
     header["payload_nbytes"] = huge
+    snapfiles.reseal(header)  # a consistent header: the checksum is what refuses it
     path = tmp_path / "sparse.thaw"
     path.write_bytes(snapfiles.assemble(snapfiles.encode_header(header), b""))
     os.truncate(path, path.stat().st_size + huge)

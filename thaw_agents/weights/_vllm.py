@@ -1,0 +1,207 @@
+"""vLLM glue for weights files: the ``thaw`` load format and ``thaw-agents freeze``.
+
+``LLM(model, load_format="thaw", model_loader_extra_config={"snapshot": path})`` builds the
+model as usual and fills every parameter from ``path`` instead of the checkpoint; vLLM then
+post-processes the weights (CPU GEMM packing, quantisation) exactly as after a normal load.
+The loader is registered by a vLLM general plugin (entry point ``vllm.general_plugins`` ->
+:func:`register`), which vLLM runs in every process it starts, so it works with the
+in-process engine core and the multiprocess one alike.
+
+A weights file holds the model in vLLM's own parameter layout (fused ``qkv_proj``,
+``gate_up_proj``), captured right after vLLM's default loader and *before* post-processing:
+restore is then a straight copy, and post-processing runs on the restored weights as it
+would on freshly loaded ones. :func:`freeze_model` produces it by starting an engine with
+``model_loader_extra_config={"freeze_to": path}``.
+
+Extra config keys of the ``thaw`` load format:
+
+* ``snapshot``: the weights file to restore (``{rank}`` is replaced by the tensor-parallel rank).
+* ``freeze_to``: load the checkpoint normally, then write the weights file here.
+* ``source``: how to read the file: ``auto`` (default), ``direct``, ``buffered``, ``mmap``.
+* ``check_fingerprint``: refuse a file frozen from another model (default true).
+
+Example:
+    >>> from vllm import LLM                                   # doctest: +SKIP
+    >>> llm = LLM("/models/SmolLM2", load_format="thaw",       # doctest: +SKIP
+    ...           model_loader_extra_config={"snapshot": "/snap/smollm2.thaw"})
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from .._errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+    from vllm.config import ModelConfig
+
+__all__ = ["LOAD_FORMAT", "freeze_model", "register"]
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMAT = "thaw"
+_KEYS = {"snapshot", "freeze_to", "source", "check_fingerprint"}
+_registered = False
+
+
+def _rank_path(template: str) -> str:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except Exception:  # no distributed state (a bare model in a test)
+        rank, world = 0, 1
+    if "{rank}" in template:
+        return template.replace("{rank}", str(rank))
+    if world > 1:
+        raise ConfigError(
+            f"tensor parallelism {world}: each rank holds its own shard; put '{{rank}}' in the path "
+            f"({template!r}) so every rank reads and writes its own file"
+        )
+    return template
+
+
+def _fingerprint(model_config: ModelConfig) -> str:
+    from .._kvspec import model_fingerprint
+
+    return model_fingerprint(model_config.model, model_config.hf_config.to_dict())
+
+
+def _loader_class() -> type:
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    class ThawModelLoader(BaseModelLoader):
+        """Restores (``snapshot``) or freezes (``freeze_to``) a model's weights as a ``.thaw`` file."""
+
+        def __init__(self, load_config: LoadConfig) -> None:
+            super().__init__(load_config)
+            extra = dict(load_config.model_loader_extra_config or {})
+            unknown = set(extra) - _KEYS
+            if unknown:
+                raise ConfigError(
+                    f"unknown model_loader_extra_config keys for load_format='thaw': {sorted(unknown)}"
+                )
+            snapshot, freeze_to = extra.get("snapshot"), extra.get("freeze_to")
+            if bool(snapshot) == bool(freeze_to):
+                raise ConfigError(
+                    "load_format='thaw' needs exactly one of model_loader_extra_config['snapshot'] "
+                    "(restore from a weights file) or ['freeze_to'] (write one)"
+                )
+            self.snapshot = os.path.expanduser(str(snapshot)) if snapshot else None
+            self.freeze_to = os.path.expanduser(str(freeze_to)) if freeze_to else None
+            self.source = str(extra.get("source", "auto"))
+            self.check_fingerprint = bool(extra.get("check_fingerprint", True))
+            self._default = DefaultModelLoader(
+                LoadConfig(load_format="auto", download_dir=load_config.download_dir)
+            )
+
+        def download_model(self, model_config: ModelConfig) -> None:
+            if self.freeze_to:
+                self._default.download_model(model_config)
+
+        def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+            from ._freeze import freeze_module
+            from ._restore import release_staging, restore_module
+
+            if self.freeze_to:
+                self._default.load_weights(model, model_config)
+                path = _rank_path(self.freeze_to)
+                stats = freeze_module(
+                    model,
+                    path,
+                    model_name=str(model_config.served_model_name or model_config.model),
+                    model_fingerprint=_fingerprint(model_config),
+                    extra={"vllm_version": _vllm_version(), "dtype": str(model_config.dtype)},
+                )
+                logger.info("thaw: froze the weights to %s (%.2f GB/s)", path, stats.gbps)
+                return
+            path = _rank_path(str(self.snapshot))
+            expect = _fingerprint(model_config) if self.check_fingerprint else None
+            try:
+                stats = restore_module(model, path, expect_fingerprint=expect, source=self.source)
+            finally:
+                release_staging()  # one restore per engine: do not keep the pinned buffer
+            logger.info(
+                "thaw: restored %d tensors (%.2f GB) from %s in %.3f s (%.2f GB/s, %s)",
+                stats.num_tensors,
+                stats.nbytes / 1e9,
+                path,
+                stats.seconds,
+                stats.gbps,
+                stats.route,
+            )
+
+    return ThawModelLoader
+
+
+def _vllm_version() -> str:
+    try:
+        from vllm import __version__
+
+        return str(__version__)
+    except ImportError:
+        return "unknown"
+
+
+def register() -> None:
+    """Register the ``thaw`` load format with vLLM (idempotent; vLLM's plugin hook calls it)."""
+    global _registered
+    if _registered:
+        return
+    from vllm.model_executor.model_loader import register_model_loader
+
+    register_model_loader(LOAD_FORMAT)(_loader_class())
+    _registered = True
+
+
+def freeze_model(
+    model: str | os.PathLike[str] | None,
+    output: str | os.PathLike[str],
+    **engine_kwargs: Any,
+) -> str:
+    """Load ``model`` with vLLM's default loader and write its weights to ``output``.
+
+    Starts a small engine (eager, minimal KV cache) whose loader writes the file right
+    after the checkpoint is read, then shuts it down. Returns the file's path.
+
+    Args:
+        model: a Hugging Face folder or id; ``None`` for the default model.
+        output: the weights file to write (atomically, mode 0600).
+        engine_kwargs: more ``vllm.LLM`` arguments (``dtype``, ``tensor_parallel_size``...).
+
+    Example:
+        >>> freeze_model(None, "/tmp/smollm2.thaw")  # doctest: +SKIP
+        '/tmp/smollm2.thaw'
+    """
+    import contextlib
+
+    from vllm import LLM
+
+    from ..models import resolve_model
+
+    register()
+    path = os.path.abspath(os.fspath(output))
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ConfigError(f"the folder of {path} does not exist; create it first")
+    kwargs: dict[str, Any] = {
+        "enforce_eager": True,
+        "max_model_len": 256,
+        "kv_cache_memory_bytes": 64 << 20,
+        "max_num_seqs": 1,
+    }
+    kwargs.update(engine_kwargs)
+    llm = LLM(
+        str(resolve_model(model)),
+        load_format=LOAD_FORMAT,
+        model_loader_extra_config={"freeze_to": path},
+        **kwargs,
+    )
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    return path
