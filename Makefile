@@ -69,7 +69,7 @@ test: model ## the whole test suite, then the wheel smoke test (README and CI ru
 	$(MAKE) --no-print-directory smoke
 
 test-fast: setup ## unit tests only (no engine)
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q tests/unit tests/unit_tests
 
 smoke: model ## build the wheel, pip install it with [cpu,langgraph] in a fresh venv, fork once
 	@# A clean build folder: setuptools would put stale modules from build/lib into the wheel.
@@ -79,9 +79,10 @@ smoke: model ## build the wheel, pip install it with [cpu,langgraph] in a fresh 
 	  { cat $(SMOKE)/build.log; exit 1; }
 	$(PYTHON) -m venv $(SMOKE)/venv
 	$(SMOKE_BIN)/python -m pip install -q --upgrade pip
-	$(SMOKE_BIN)/python -m pip install -q "torch==2.13.0+cpu" || \
-	  $(SMOKE_BIN)/python -m pip install -q "torch==2.13.0+cpu" --extra-index-url $(TORCH_CPU_INDEX)
-	$(SMOKE_BIN)/python -m pip install -q "$$(ls $(SMOKE)/dist/thaw_agents-*.whl)[cpu,langgraph]"
+	@# --no-compile: no .pyc for the thousands of vLLM, torch and transformers files one run never imports.
+	$(SMOKE_BIN)/python -m pip install -q --no-compile "torch==2.13.0+cpu" || \
+	  $(SMOKE_BIN)/python -m pip install -q --no-compile "torch==2.13.0+cpu" --extra-index-url $(TORCH_CPU_INDEX)
+	$(SMOKE_BIN)/python -m pip install -q --no-compile "$$(ls $(SMOKE)/dist/thaw_agents-*.whl)[cpu,langgraph]"
 	-$(SMOKE_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	@# From outside the source tree, so only the installed wheel can be imported.
 	cd $(SMOKE) && venv/bin/python $(CURDIR)/tests/smoke/smoke_wheel.py

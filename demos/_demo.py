@@ -123,7 +123,7 @@ def step(text: str, total: int | None = None) -> Iterator[Any]:
 
 
 def report(text: str) -> None:
-    """From a phase process: tell the demo's spinner what this phase is doing now."""
+    """From a phase process: one line on what it is doing now, shown under the demo's spinner."""
     print(_PROGRESS + text, flush=True)
 
 

@@ -97,11 +97,11 @@ SESSION: list[dict[str, str] | None] = [
     {"role": "system", "content": SYSTEM},
     {"role": "user", "content": "Checkout has been returning HTTP 502 since about 09:10. Find out why."},
     {"role": "assistant", "content": call("read_logs", service="checkout", since="09:00")},
-    {"role": "tool", "content": LOGS},
+    {"role": "tool", "tool_call_id": "call-1", "content": LOGS},
     None,
     {"role": "user", "content": "Check the deployment config of checkout too."},
     {"role": "assistant", "content": call("read_file", path="deploy/checkout.yaml")},
-    {"role": "tool", "content": CONFIG},
+    {"role": "tool", "tool_call_id": "call-2", "content": CONFIG},
     None,
 ]
 FOLLOW_UPS = (
@@ -111,10 +111,10 @@ FOLLOW_UPS = (
 
 
 def render(llm: Any, messages: list[dict[str, str]]) -> list[int]:
-    from vllm.renderers import ChatParams
+    """The prompt of a turn, rendered as ``thaw_agents.fork`` renders the conversation it saves."""
+    from thaw_agents.chat import render as render_chat
 
-    params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
-    return list(llm.renderer.render_chat([messages], params)[1][0]["prompt_token_ids"])
+    return render_chat(llm.renderer, messages, add_generation_prompt=True)
 
 
 def greedy(max_tokens: int) -> Any:

@@ -79,6 +79,7 @@ def _branch(model: str | None, snapshot: str | None, question: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a Hugging Face folder or id (default: SmolLM2-135M)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     _demo.add_output_args(parser)
     parser.add_argument("--branch", help=argparse.SUPPRESS)
     parser.add_argument("--snapshot", help=argparse.SUPPRESS)
@@ -154,6 +155,10 @@ def main() -> None:
     )
     _demo.print_replies("the branch's answer", [("thaw:", thaw["text"])])
     _demo.model_note(args.model)
+    if args.json:
+        keys = ("question", "prompt_tokens", "cached_tokens")
+        same_engine = [dict(zip(keys, row, strict=True)) for row in cache_rows]
+        _demo.write_json(args.json, {"same_engine": same_engine, "fresh_process": dict(rows)})
 
 
 if __name__ == "__main__":

@@ -23,11 +23,14 @@ pytestmark = pytest.mark.e2e
 DEMOS = Path(__file__).resolve().parents[2] / "demos"
 
 
-def run_demo(name: str, tmp_path: Path, *extra: str, timeout: float = 240) -> tuple[dict[str, Any], str]:
+def run_demo(
+    name: str, tmp_path: Path, *extra: str, small: bool = True, timeout: float = 600
+) -> tuple[dict[str, Any], str]:
     out = tmp_path / f"{name}.json"
     logs = tmp_path / "logs"
     env = {**os.environ, "THAW_AGENTS_STORE": str(tmp_path / "store"), "THAW_AGENTS_LOGS": str(logs)}
-    cmd = [sys.executable, str(DEMOS / f"{name}.py"), "--small", "--json", str(out), *extra]
+    size = ["--small"] if small else []
+    cmd = [sys.executable, str(DEMOS / f"{name}.py"), *size, "--json", str(out), *extra]
     # Its own process group, so a timeout also ends the demo's phase and engine processes.
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
@@ -36,8 +39,8 @@ def run_demo(name: str, tmp_path: Path, *extra: str, timeout: float = 240) -> tu
         stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{name} did not finish in {timeout:.0f} s")
+        partial, _ = proc.communicate()
+        pytest.fail(f"{name} did not finish in {timeout:.0f} s; its output so far:\n{partial[-3000:]}")
     assert proc.returncode == 0, stdout[-6000:]
     store = tmp_path / "store"
     leftovers = sorted(store.glob("*.thaw")) if store.exists() else []
@@ -53,7 +56,7 @@ def assert_quiet(stdout: str, logs: Path) -> None:
     log = Path(named.group(1))
     assert log.parent == logs and log.stat().st_mode & 0o077 == 0
     assert "Initializing a V1 LLM engine" in log.read_text()
-    for noise in ("Initializing a V1 LLM engine", "INFO", "Loading safetensors checkpoint shards"):
+    for noise in ("Initializing a V1 LLM engine", "non-default args", "Loading safetensors checkpoint"):
         assert noise not in stdout, f"{noise!r} reached the terminal:\n{stdout[:4000]}"
     assert "SmolLM2-135M-Instruct, is a 135M model for a CPU" in stdout and "--model" in stdout
 
@@ -121,3 +124,26 @@ def test_agent_fork(tmp_path: Path) -> None:
     # Restored and run alone, the session continues token for token as the original did.
     assert first["text"] == session["reference_turns"][0]["text"]
     assert "restore vs re-prefill" in stdout
+
+
+def test_pr_review_langgraph(tmp_path: Path) -> None:
+    """`make demo`: the four-branch LangGraph review, thaw vs baseline."""
+    results, stdout = run_demo("pr_review_langgraph", tmp_path, "--max-tokens=8", small=False)
+    runs = {run["mode"]: run for run in results["runs"]}
+    assert set(runs) == {"baseline", "thaw"}
+    for thaw, base in zip(runs["thaw"]["branches"], runs["baseline"]["branches"], strict=True):
+        assert thaw["aspect"] == base["aspect"] and thaw["prompt_tokens"] == base["prompt_tokens"]
+        assert base["cached_tokens"] == 0
+        assert 1000 <= thaw["cached_tokens"] < thaw["prompt_tokens"]
+    assert "PR review, four branches" in stdout and "thaw / baseline:" in stdout
+    assert "the reviews (thaw run, clipped)" in stdout
+
+
+def test_quickstart(tmp_path: Path) -> None:
+    """`make quickstart`: the prefix cache in one engine, then a branch in a fresh process."""
+    results, stdout = run_demo("quickstart", tmp_path, small=False)
+    first, second = results["same_engine"]
+    assert first["cached_tokens"] == 0 and second["cached_tokens"] > 0.9 * second["prompt_tokens"]
+    base, thaw = results["fresh_process"]["re-prefill"], results["fresh_process"]["thaw"]
+    assert base["cached"] == 0 and 0 < thaw["cached"] <= thaw["prompt_tokens"] == base["prompt_tokens"]
+    assert "fresh engine process, one branch: thaw vs re-prefill" in stdout
