@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +81,8 @@ class ThawWorker:
         self._new_results: list[tuple[str, dict[str, Any]]] = []  # not yet sent to the scheduler
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by snapshot id, for fronts
         self._results_lock = threading.Lock()
+        self._queued: Counter[str] = Counter()  # snapshot id -> its saves queued or running
+        self._job_ids: dict[str, str] = {}  # request id -> the snapshot id its save writes
 
     # -- setup -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -279,6 +281,9 @@ class ThawWorker:
         rows, which vLLM does not overwrite before :meth:`handle_preemptions` lets it.
         """
         for job in metadata.saves:
+            with self._results_lock:  # an older result of this id is stale from now on
+                self._queued[job.snapshot_id] += 1
+                self._job_ids[job.req_id] = job.snapshot_id
             try:
                 staged = self._stage(job)
             except Exception as exc:
@@ -313,14 +318,16 @@ class ThawWorker:
 
     def save_result(self, snapshot_id: str) -> dict[str, Any] | None:
         """The result of the latest save of ``snapshot_id`` among the last few hundred; None
-        while it is queued or being written (or when this engine never saved it)."""
+        while a save of it is queued or being written (or when this engine never saved it)."""
         self._collect()
         with self._results_lock:
+            if self._queued[snapshot_id]:
+                return None
             result = self._results.get(snapshot_id)
         return dict(result) if result is not None else None
 
     def shutdown(self) -> None:
-        """Write what is queued (its blocks are still held), then stop the writer."""
+        """Write what is queued (vLLM reuses no block a queued save reads), then stop."""
         self._writer.shutdown()
         self._collect()
 
@@ -332,9 +339,12 @@ class ThawWorker:
                 if not self._writer.busy(req_id):
                     self._in_place.discard(req_id)
                 self._new_results.append((req_id, result))
-                sid = result.get("snapshot_id")
-                if sid:
-                    self._results[sid] = result
+                sid = self._job_ids.pop(req_id, None)
+                if sid is not None:
+                    self._queued[sid] -= 1
+                    if not self._queued[sid]:
+                        del self._queued[sid]
+                    self._results[sid] = {**result, "snapshot_id": sid}
                     self._results.move_to_end(sid)
                     while len(self._results) > _KEEP_RESULTS:
                         self._results.popitem(last=False)
