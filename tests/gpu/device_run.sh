@@ -48,7 +48,7 @@ install() {
   cp -r thaw_agents /tmp/thaw-site/ && cp -r accel /tmp/thaw-site/thaw_agents/accel
   cp -r integrations /tmp/thaw-site/thaw_agents/integrations
   printf 'Metadata-Version: 2.1\nName: thaw-agents\nVersion: 0.1.0\n' >/tmp/thaw-site/thaw_agents-0.1.0.dist-info/METADATA
-  printf '[vllm.general_plugins]\nthaw_agents_weights = thaw_agents.weights_vllm:register\n' \
+  printf '[vllm.general_plugins]\nthaw_agents_weights = thaw_agents._plugins:register\n' \
     >/tmp/thaw-site/thaw_agents-0.1.0.dist-info/entry_points.txt
   : >/tmp/thaw-site/thaw_agents-0.1.0.dist-info/RECORD
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
