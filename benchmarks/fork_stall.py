@@ -28,7 +28,6 @@ import os
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,31 +43,28 @@ def _trunk_tokens(tokenizer: Any, length: int) -> list[int]:
     return tokenizer.encode(text)[:length]
 
 
-async def _one_token(engine: Any, tokens: list[int], transfer: dict[str, Any] | None) -> dict | None:
-    from vllm import SamplingParams, TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
+async def _one_token(front: Any, tokens: list[int], transfer: dict[str, Any] | None) -> dict | None:
+    from vllm import SamplingParams
 
-    extra = {"kv_transfer_params": transfer} if transfer else None
-    params = SamplingParams(
-        max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY, extra_args=extra
-    )
-    report = None
-    async for out in engine.generate(TokensPrompt(prompt_token_ids=tokens), params, uuid.uuid4().hex):
-        report = (out.kv_transfer_params or {}).get("thaw")
-    return report
+    from thaw_agents.front import Request
+
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    request = Request(token_ids=tokens, params=params, kv_transfer_params=transfer)
+    (result,) = await front.agenerate([request], stream=False)
+    return result.report
 
 
-async def _fork(engine: Any, spec: Any, tokens: list[int]) -> float:
+async def _fork(front: Any, spec: Any, tokens: list[int]) -> float:
     """One fork as thaw_agents.fork does it; the seconds until the snapshot is written."""
     from thaw_agents._manifest import derive_snapshot
     from thaw_agents.connector.params import await_save, save_failure, save_params
 
     start = time.perf_counter()
     sid = derive_snapshot(spec, tokens).snapshot_id
-    report = await _one_token(engine, tokens, save_params(sid, len(tokens)))
+    report = await _one_token(front, tokens, save_params(sid, len(tokens)))
     while report and report.get("status") == "pending":  # await_save, without blocking the loop
         await asyncio.sleep(0.005)
-        result = (await engine.collective_rpc("thaw_save_result", args=(sid,)))[0]
+        result = (await front.arpc("thaw_save_result", (sid,)))[0]
         report = result or report
     failure = save_failure(await_save(report, lambda: None), sid, sid)
     if failure is not None:
@@ -76,21 +72,22 @@ async def _fork(engine: Any, spec: Any, tokens: list[int]) -> float:
     return time.perf_counter() - start
 
 
-async def _decode_while(engine: Any, prompt: list[int], max_tokens: int, side: Any) -> list[float]:
+async def _decode_while(front: Any, prompt: list[int], max_tokens: int, side: Any) -> list[float]:
     """Inter-token latencies (ms) of one greedy decode while ``side(stamps)`` runs beside it
     (``max_tokens`` must outlast it: tokens after the decode ends are not measured)."""
-    from vllm import SamplingParams, TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
+    from vllm import SamplingParams
 
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+    from thaw_agents.front import Request
+
+    request = Request(
+        token_ids=prompt, params=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     )
     stamps: list[float] = []  # one per token, when its delta arrived
     started = asyncio.Event()
 
     async def decode() -> None:
-        async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex):
-            stamps.extend([time.perf_counter()] * max(1, len(out.outputs[0].token_ids)))
+        async for delta in front.astream(request):
+            stamps.extend([time.perf_counter()] * max(1, len(delta.token_ids)))
             if len(stamps) >= 8:
                 started.set()
 
@@ -116,6 +113,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import thaw_agents
     from thaw_agents._kvspec import KVSpec
+    from thaw_agents.front import AsyncLLMFront
 
     kwargs = thaw_agents.engine_kwargs(
         args.model,
@@ -123,12 +121,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         kv_connector_extra_config={"save_in_step": args.save_in_step},
     )
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    front = AsyncLLMFront(engine)
     try:
-        spec = KVSpec.from_json((await engine.collective_rpc("thaw_describe"))[0]["spec"])
+        spec = KVSpec.from_json((await front.adescribe())["spec"])
         tok = engine.tokenizer
         trunk = _trunk_tokens(tok, args.trunk)
         prompt = tok.encode("Count slowly from one to a thousand: one, two, three,")
-        await _fork(engine, spec, trunk)  # the trunk in the prefix cache, the code paths warm
+        await _fork(front, spec, trunk)  # the trunk in the prefix cache, the code paths warm
         fork_s: list[float] = []
 
         async def nothing(stamps: list[float]) -> None:
@@ -138,15 +137,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         async def plain(stamps: list[float]) -> None:
             for _ in range(args.forks):
-                await _one_token(engine, trunk, None)
+                await _one_token(front, trunk, None)
 
         async def forks(stamps: list[float]) -> None:
             for _ in range(args.forks):
-                fork_s.append(await _fork(engine, spec, trunk))
+                fork_s.append(await _fork(front, spec, trunk))
 
         itl = {}
         for name, side in (("alone", nothing), ("plain", plain), ("forks", forks)):
-            itl[name] = await _decode_while(engine, prompt, args.max_tokens, side)
+            itl[name] = await _decode_while(front, prompt, args.max_tokens, side)
     finally:
         engine.shutdown()
     rows = {

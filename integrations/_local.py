@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +11,7 @@ from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk
 
 import thaw_agents
+from thaw_agents.front import AsyncLLMFront, Request
 
 from ._output import last_chunk, usage
 from ._request import chat_request, is_validation_error, prompt_token_ids, resolve_fork, sampling_params
@@ -58,52 +58,24 @@ async def engine_chunks(
             params = thaw_agents.with_fork(params, fork)
         else:
             logger.warning("fork %s does not prefix this prompt; prefilling", fork.id)
-    from vllm import TokensPrompt
-
-    request_id = f"chatthaw-{uuid.uuid4().hex}"
     buffer_output = bool(tools) and tool_choice != "none"
     text_parts: list[str] = []
     num_output = 0
     cached = 0
     finish_reason: str | None = None
     timeout = kwargs.get("timeout", llm.timeout)
-    loop = asyncio.get_running_loop()
-    deadline = None if not timeout else loop.time() + float(timeout)
-    stream = handle.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
-    try:
-        while True:
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise asyncio.TimeoutError
-            try:
-                output = await asyncio.wait_for(anext(stream), remaining)
-            except StopAsyncIteration:
-                break
-            cached = int(output.num_cached_tokens or 0)
-            completion = output.outputs[0]
-            num_output += len(completion.token_ids)
-            if completion.finish_reason:
-                finish_reason = completion.finish_reason
-            if completion.text:
-                text_parts.append(completion.text)
+    request = Request(token_ids=prompt_ids, params=params)
+    stream = AsyncLLMFront(handle.engine).astream(request, timeout_s=float(timeout) if timeout else None)
+    # aclosing: a caller that stops reading aborts the request now, not when it is collected.
+    async with contextlib.aclosing(stream) as deltas:
+        async for delta in deltas:
+            cached = delta.num_cached_tokens
+            num_output += len(delta.token_ids)
+            finish_reason = delta.finish_reason or finish_reason
+            if delta.text:
+                text_parts.append(delta.text)
                 if not buffer_output:
-                    yield ChatGenerationChunk(message=AIMessageChunk(content=completion.text))
-    except asyncio.TimeoutError as exc:
-        await handle.engine.abort(request_id)
-        raise thaw_agents.EngineError(f"the request timed out after {timeout} s and was aborted") from exc
-    except (asyncio.CancelledError, GeneratorExit):
-        await handle.engine.abort(request_id)
-        raise
-    except thaw_agents.ThawError:
-        raise
-    except Exception as exc:
-        if type(exc).__name__ == "EngineDeadError":
-            raise thaw_agents.EngineError(f"the vLLM engine died: {exc}; create a new ChatThaw") from exc
-        if is_validation_error(exc):
-            raise thaw_agents.ConfigError(f"vLLM refused the request: {exc}") from exc
-        raise
-    if finish_reason == "error":
-        raise thaw_agents.EngineError("the engine failed this request (finish_reason='error')")
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=delta.text))
     metadata = {
         "model_name": llm.model_name,
         "finish_reason": finish_reason,

@@ -186,16 +186,6 @@ def fork_fanout_sync(
     return runtime.run(fork_fanout(llm, prefix_messages, list(suffixes), pool=pool, **params))
 
 
-class _PoolParent:
-    """A hashable stand-in for a ChatThaw as the pool's parent engine (the handle is given)."""
-
-    def __init__(self, chat: ChatThaw) -> None:
-        self._chat = chat
-
-    def _thaw_adapter(self) -> Any:
-        return self._chat._thaw_adapter()
-
-
 async def _on_pool(
     llm: ChatThaw,
     pool: thaw_agents.ForkPool,
@@ -225,7 +215,7 @@ async def _on_pool(
     sampling = SamplingParams(**values, stop=list(stop or []))
     results = await asyncio.to_thread(
         thaw_agents.fork_completions,
-        _PoolParent(llm),
+        llm,
         prefix=handle,
         suffixes=suffixes,
         sampling_params=sampling,

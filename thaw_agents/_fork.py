@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._adapter import Prefix, adapter_for
 from ._container import verify_regions
 from ._errors import (
     ConfigError,
@@ -43,6 +42,7 @@ from ._store import (
     store_dir,
 )
 from .connector.params import await_save, is_snapshot_id, load_params, save_failure, save_params
+from .front import Prefix, front_for
 
 __all__ = ["ForkHandle", "fork", "with_fork"]
 
@@ -133,9 +133,9 @@ class ForkHandle:
             SnapshotMismatchError: the engine differs from the snapshot's.
             EngineError: the engine refused the snapshot (the message says why).
         """
-        adapter = adapter_for(engine)
-        handle = self.for_engine(adapter)
-        run = adapter.run_prefix(list(handle.token_ids), handle.kv_transfer_params())
+        front = front_for(engine)
+        handle = self.for_engine(front)
+        run = front.run_prefix(list(handle.token_ids), handle.kv_transfer_params())
         _raise_refusal(run.report, handle.id)
         return run.num_cached_tokens
 
@@ -145,11 +145,11 @@ class ForkHandle:
         Raises:
             SnapshotMismatchError: the engine differs from the snapshot's (field named).
         """
-        adapter = adapter_for(engine)
-        spec = adapter.kv_spec()
+        front = front_for(engine)
+        spec = front.kv_spec()
         for manifest in self.manifests:
             check_compatible(manifest.spec, spec, path=manifest.path)
-        store = adapter.store()
+        store = front.store()
         if all(Path(path).parent == store for path in self.paths):
             return self
         paths = [import_snapshot(manifest, store) for manifest in self.manifests]
@@ -160,9 +160,9 @@ class ForkHandle:
 
     def fork(self, engine: Any, extension: Prefix) -> ForkHandle:
         """A child snapshot at a later point: this prefix plus ``extension`` (token ids or text)."""
-        adapter = adapter_for(engine)
+        front = front_for(engine)
         if isinstance(extension, str):
-            more = adapter.prefix_token_ids(extension)
+            more = front.prefix_token_ids(extension)
         elif _is_token_list(extension):
             more = list(extension)
         else:
@@ -343,10 +343,10 @@ def fork(
     remote_fork = getattr(engine, "_thaw_remote_fork", None)
     if remote_fork is not None:  # a front whose engine is on a server (ChatThaw(base_url=...))
         return remote_fork(prefix, parent=parent, tools=tools)
-    adapter = adapter_for(engine)
-    spec = adapter.kv_spec()
-    store = adapter.store()
-    tokens = adapter.prefix_token_ids(prefix, tools)
+    front = front_for(engine)
+    spec = front.kv_spec()
+    store = front.store()
+    tokens = front.prefix_token_ids(prefix, tools)
     if not tokens:
         raise ConfigError("the prefix is empty")
     bs = spec.block_size
@@ -360,7 +360,7 @@ def fork(
         if tuple(tokens[: parent.num_tokens]) != parent.token_ids:
             raise ConfigError("the prefix does not start with the parent's tokens")
         if parent.num_blocks:  # a parent without a single full block adds nothing to refer to
-            parent_handle = parent.for_engine(adapter)
+            parent_handle = parent.for_engine(front)
             leaf = parent_handle.manifests[-1]
             start_key = bytes.fromhex(leaf.keys[-1] if leaf.keys else leaf.parent.last_key)  # type: ignore[union-attr]
     link = None
@@ -373,11 +373,9 @@ def fork(
     full = covered + content.num_blocks * bs
     sid = content.snapshot_id
     dest = snapshot_path(store, sid)
-    run = adapter.run_prefix(
-        tokens, save_params(sid, len(tokens), parent_handle.id if parent_handle else None)
-    )
+    run = front.run_prefix(tokens, save_params(sid, len(tokens), parent_handle.id if parent_handle else None))
     # The engine writes in the background; a "pending" report is followed up by id.
-    failure = save_failure(await_save(run.report, lambda: adapter.save_result(sid)), sid, str(dest))
+    failure = save_failure(await_save(run.report, lambda: front.save_result(sid)), sid, str(dest))
     if failure is not None:
         raise failure
     if not dest.exists():

@@ -60,13 +60,21 @@ _FRONTS: weakref.WeakKeyDictionary[Any, LLMFront] = weakref.WeakKeyDictionary()
 
 
 def front_for(engine: Any) -> Front:
-    """The front of a ``vllm.LLM`` (one per engine), or ``engine`` itself when it is a front.
+    """The front of ``engine``: itself when it is a front; one per ``vllm.LLM``; what its
+    ``_thaw_adapter()`` returns for anything else that has one (ChatThaw, a bound ChatThaw).
 
     Raises:
         ConfigError: ``engine`` is neither.
     """
     if isinstance(engine, Front):
         return engine
+    if hasattr(engine, "_thaw_adapter"):
+        front = engine._thaw_adapter()
+        if isinstance(front, Front):
+            return front
+        raise ConfigError(
+            f"{type(engine).__name__}._thaw_adapter() returned a {type(front).__name__}, not a Front"
+        )
     if hasattr(engine, "llm_engine") and hasattr(engine, "collective_rpc"):  # a vllm.LLM
         try:
             front = _FRONTS.get(engine)
@@ -79,5 +87,5 @@ def front_for(engine: Any) -> Front:
         return front
     raise ConfigError(
         f"{type(engine).__name__} is not an engine thaw can run requests on: pass a vllm.LLM built "
-        "with thaw_agents.engine_kwargs()"
+        "with thaw_agents.engine_kwargs(), or a ChatThaw"
     )

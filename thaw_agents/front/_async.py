@@ -28,6 +28,7 @@ from ._base import (
     RequestTimeoutError,
     Result,
     deltas,
+    describe_reply,
     engine_failure,
     engine_params,
 )
@@ -183,6 +184,12 @@ class AsyncLLMFront(Front):
 
     def _rpc(self, method: str, args: tuple[Any, ...]) -> list[Any]:
         return self._run(self.arpc(method, args))
+
+    async def adescribe(self) -> dict[str, Any]:
+        """:meth:`describe` on the engine's loop."""
+        if self._reply is None:
+            self._reply = describe_reply(await self.arpc("thaw_describe"))
+        return self._reply
 
     def _model_config(self) -> Any:
         return self._engine_now().model_config

@@ -20,10 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# Phase 1 of the front: these still live with the adapters; they move here when the adapters go.
-from .._adapter import PrefixRun, thaw_report
-from .._adapter import _describe_reply as describe_reply
-from .._adapter import _is_messages as is_messages
 from .._errors import ConfigError, EngineError, ThawError
 from .._kvspec import KVSpec
 
@@ -45,6 +41,15 @@ Prefix = str | Sequence[int] | Sequence[Any]
 
 class RequestTimeoutError(EngineError, TimeoutError):
     """A request ran past its ``timeout_s``; the front aborted it in the engine."""
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixRun:
+    """What a one-token prefix request reports: tokens served from cache or snapshot, and the
+    connector's ``kv_transfer_params["thaw"]`` report (None when it sent none)."""
+
+    num_cached_tokens: int
+    report: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,6 +130,13 @@ class Delta:
     num_cached_tokens: int
     finished: bool
     report: dict[str, Any] | None = None
+
+
+def thaw_report(kv_transfer_params: Any) -> dict[str, Any] | None:
+    """The connector's report in a finished request's ``kv_transfer_params``."""
+    if isinstance(kv_transfer_params, dict) and isinstance(kv_transfer_params.get("thaw"), dict):
+        return kv_transfer_params["thaw"]
+    return None
 
 
 def engine_params(request: Request, output_kind: Any) -> SamplingParams:
@@ -225,6 +237,33 @@ def engine_failure(exc: BaseException) -> ThawError | None:
     if isinstance(exc, (ValueError, TypeError, VLLMValidationError)):
         return ConfigError(f"vLLM refused the request: {exc}")
     return None
+
+
+def describe_reply(replies: Sequence[Any]) -> dict[str, Any]:
+    """The one worker's ``thaw_describe`` reply; ConfigError for an engine not set up for thaw
+    or a tensor/pipeline parallel one."""
+    reply = replies[0] if replies else {"error": "the engine has no workers"}
+    if not isinstance(reply, dict) or "error" in reply:
+        error = reply.get("error") if isinstance(reply, dict) else reply
+        raise ConfigError(f"{error}; build the engine with thaw_agents.engine_kwargs()")
+    if len(replies) > 1:
+        raise ConfigError("tensor/pipeline parallel engines are not supported by fork yet")
+    return reply
+
+
+def is_messages(prefix: Any) -> bool:
+    """Chat messages: dicts, LangChain messages (they have a ``type``) or ``(role, text)`` pairs."""
+    return (
+        isinstance(prefix, Sequence)
+        and not isinstance(prefix, str)
+        and bool(prefix)
+        and all(
+            isinstance(m, dict)
+            or hasattr(m, "type")
+            or (isinstance(m, tuple) and len(m) == 2 and all(isinstance(x, str) for x in m))
+            for m in prefix
+        )
+    )
 
 
 class Front:

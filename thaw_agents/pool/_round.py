@@ -28,13 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._adapter import adapter_for
 from .._errors import ConfigError, PoolError, SnapshotMismatchError
 from .._fork import ForkHandle, fork
 from .._kvspec import KVSpec
 from .._manifest import check_compatible, derive_snapshot
 from .._store import snapshot_path, store_dir
-from ..front import Request, engine_lock, front_for
+from ..front import Front, Request, front_for
 from ._dispatch import Outcome, dispatch
 from ._pool import ForkPool
 from ._protocol import branch_reply, encode_sampling
@@ -73,7 +72,8 @@ def fork_completions(
     """Run branches that share a trunk, computing the trunk once; results in input order.
 
     Args:
-        llm: the parent engine (a ``vllm.LLM`` built with :func:`thaw_agents.engine_kwargs`).
+        llm: the parent engine: a ``vllm.LLM`` built with :func:`thaw_agents.engine_kwargs`, or
+            a ChatThaw (whose engine then runs the branches when there is no pool).
         prompts: full prompts (strings or token ids) that share a trunk: their longest
             common token prefix.
         sampling_params: one for all branches or one per branch; ``n > 1`` gives each branch
@@ -96,12 +96,13 @@ def fork_completions(
         >>> results[1].text, results[1].reason                                          # doctest: +SKIP
     """
     round_start = time.perf_counter()
-    with engine_lock(llm):  # the tokenizer and the engine are not for concurrent use
-        plan = _plan(llm, prompts, prefix, suffixes)
-    params = _params(llm, sampling_params, len(plan.prompts))
+    front = front_for(llm)
+    with front.lock():  # a vllm.LLM's tokenizer and engine are not for concurrent use
+        plan = _plan(front, prompts, prefix, suffixes)
+    params = _params(front, sampling_params, len(plan.prompts))
     if pool is None:
-        return _in_parent(llm, plan, params, round_start)
-    return _in_pool(llm, plan, params, pool, round_start, timeout_s)
+        return _in_parent(front, plan, params, round_start)
+    return _in_pool(front, plan, params, pool, round_start, timeout_s)
 
 
 async def afork_completions(*args: Any, **kwargs: Any) -> list[BranchResult]:
@@ -110,34 +111,33 @@ async def afork_completions(*args: Any, **kwargs: Any) -> list[BranchResult]:
 
 
 # -- planning -------------------------------------------------------------------------------
-def _plan(llm: Any, prompts: Any, prefix: Any, suffixes: Any) -> _Plan:
-    adapter = adapter_for(llm)
+def _plan(front: Front, prompts: Any, prefix: Any, suffixes: Any) -> _Plan:
     if prompts is not None:
         if prefix is not None or suffixes is not None:
             raise ConfigError("pass either prompts, or prefix= and suffixes=, not both")
         if isinstance(prompts, str) or not prompts:
             raise ConfigError("prompts must be a non-empty list of strings or token id lists")
-        token_lists = [_tokens(adapter, p) for p in prompts]
+        token_lists = [_tokens(front, p) for p in prompts]
         trunk = _common_prefix(token_lists)
         return _Plan(trunk=trunk, prompts=token_lists, handle=None)
     if prefix is None or suffixes is None or isinstance(suffixes, str) or not suffixes:
         raise ConfigError("pass prompts, or prefix= with a non-empty list of suffixes=")
     handle = prefix if isinstance(prefix, ForkHandle) else None
-    trunk = list(handle.token_ids) if handle else adapter.prefix_token_ids(prefix)
-    return _Plan(trunk=trunk, prompts=[trunk + _suffix_tokens(llm, s) for s in suffixes], handle=handle)
+    trunk = list(handle.token_ids) if handle else front.prefix_token_ids(prefix)
+    return _Plan(trunk=trunk, prompts=[trunk + _suffix_tokens(front, s) for s in suffixes], handle=handle)
 
 
-def _tokens(adapter: Any, prompt: Any) -> list[int]:
+def _tokens(front: Front, prompt: Any) -> list[int]:
     if isinstance(prompt, str):
-        return adapter.prefix_token_ids(prompt)  # as vLLM tokenizes a text prompt
+        return front.prefix_token_ids(prompt)  # as vLLM tokenizes a text prompt
     if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     raise ConfigError("each prompt must be a string or a list of token ids")
 
 
-def _suffix_tokens(llm: Any, suffix: Any) -> list[int]:
+def _suffix_tokens(front: Front, suffix: Any) -> list[int]:
     if isinstance(suffix, str):
-        return front_for(llm).encode(suffix, add_special_tokens=False)
+        return front.encode(suffix, add_special_tokens=False)
     if isinstance(suffix, Sequence) and all(isinstance(t, int) for t in suffix):
         return list(suffix)
     raise ConfigError("each suffix must be a string or a list of token ids")
@@ -155,9 +155,9 @@ def _common_prefix(token_lists: list[list[int]]) -> list[int]:
     return first[:length]
 
 
-def _params(llm: Any, sampling_params: Any, count: int) -> list[SamplingParams]:
+def _params(front: Front, sampling_params: Any, count: int) -> list[SamplingParams]:
     if sampling_params is None:
-        sampling_params = front_for(llm).default_sampling_params()
+        sampling_params = front.default_sampling_params()
     if isinstance(sampling_params, Sequence):
         if len(sampling_params) != count:
             raise ConfigError(f"{len(sampling_params)} sampling params for {count} branches")
@@ -166,14 +166,15 @@ def _params(llm: Any, sampling_params: Any, count: int) -> list[SamplingParams]:
 
 
 # -- the parent engine --------------------------------------------------------------------------
-def _in_parent(llm: Any, plan: _Plan, params: list[SamplingParams], round_start: float) -> list[BranchResult]:
+def _in_parent(
+    front: Front, plan: _Plan, params: list[SamplingParams], round_start: float
+) -> list[BranchResult]:
     from vllm import SamplingParams
 
-    front = front_for(llm)
     caching, block_size = front.prefix_caching()
     with front.lock():
         if plan.handle is not None:
-            plan.handle.hydrate(llm)
+            plan.handle.hydrate(front)
             reason = "no pool: ran in the parent engine, trunk loaded from the given snapshot"
         elif not caching:
             reason = "no pool, and prefix caching is off: every branch recomputes the trunk"
@@ -217,7 +218,7 @@ def _in_parent(llm: Any, plan: _Plan, params: list[SamplingParams], round_start:
 
 # -- the pool --------------------------------------------------------------------------------------
 def _in_pool(
-    llm: Any,
+    front: Front,
     plan: _Plan,
     params: list[SamplingParams],
     pool: ForkPool,
@@ -228,11 +229,11 @@ def _in_pool(
     if pool.closed:
         raise PoolError("the pool is closed")
     encoded = [encode_sampling(p) for p in params]
-    with engine_lock(llm):
+    with front.lock():
         if plan.handle is None:
-            parent_spec = adapter_for(llm).kv_spec()
+            parent_spec = front.kv_spec()
             _check(parent_spec, spec, "the parent engine")  # before computing anything
-            handle, owned = _fork_trunk(llm, plan.trunk, parent_spec)
+            handle, owned = _fork_trunk(front, plan.trunk, parent_spec)
         else:
             handle, owned = plan.handle, None
     trunk_s = time.perf_counter() - round_start
@@ -269,7 +270,7 @@ def _check(parent: KVSpec, workers: KVSpec, what: str) -> None:
         ) from None
 
 
-def _fork_trunk(llm: Any, trunk: list[int], spec: KVSpec) -> tuple[ForkHandle | None, Path | None]:
+def _fork_trunk(front: Front, trunk: list[int], spec: KVSpec) -> tuple[ForkHandle | None, Path | None]:
     """Snapshot the trunk; the file is removed after the round if this round created it."""
     bs = spec.block_size
     if len(trunk) < bs:
@@ -280,7 +281,7 @@ def _fork_trunk(llm: Any, trunk: list[int], spec: KVSpec) -> tuple[ForkHandle | 
             _STORE_OWNED.add(path)
         _STORE_REFS[path] += 1
     try:
-        handle = fork(llm, trunk)
+        handle = fork(front, trunk)
     except BaseException:
         _release(path)
         raise
