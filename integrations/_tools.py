@@ -41,10 +41,12 @@ def forced_call_schema(
 ) -> dict[str, Any] | None:
     """The JSON schema forced tool calls must match, or None when the model may answer freely.
 
-    ``tool_choice``: ``"auto"``/None (free), ``"none"``, ``"required"``/``"any"``/True (at least
-    one call of the tools: a JSON array of calls, as vLLM's server forces it, of exactly one
-    when ``parallel_tool_calls`` is False), a tool name or
-    ``{"type": "function", "function": {"name": ...}}`` (one call of that tool).
+    ``tool_choice``: ``"auto"``/None (free), ``"none"``, ``"required"`` (one or more calls of
+    the tools: a JSON array of calls, as vLLM's server forces it), ``"any"``/True (one call of
+    the tools), a tool name or ``{"type": "function", "function": {"name": ...}}`` (one call of
+    that tool). ``parallel_tool_calls`` True or False overrides how many ``"required"`` and
+    ``"any"`` allow. ``"any"`` stays one call by default because LangChain's standard tests
+    expect exactly one from it, and a small model given room repeats its call.
 
     Example:
         >>> tool = {"type": "function", "function": {"name": "now"}}
@@ -58,9 +60,8 @@ def forced_call_schema(
     if tool_choice in ("required", "any", True):
         choices = [_call_schema(t) for t in tools]
         one = choices[0] if len(choices) == 1 else {"anyOf": choices}
-        if parallel_tool_calls is False:
-            return one
-        return {"type": "array", "items": one, "minItems": 1}
+        several = tool_choice == "required" if parallel_tool_calls is None else parallel_tool_calls
+        return {"type": "array", "items": one, "minItems": 1} if several else one
     name = tool_choice
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")

@@ -92,10 +92,11 @@ class ChatThaw(BaseChatModel):
         otherwise in the Hermes convention (described in the system message; SmolLM2's
         template is such a one), with tool calls and tool results of the history; see
         :mod:`thaw_agents.chat`. ``tool_choice``: ``"auto"`` (default) lets the model answer or
-        call, read by ``tool_parser``; ``"required"``/``"any"`` forces one or more calls, a tool
-        name exactly one call of it, both by constrained decoding; ``"none"`` reads no calls.
-        ``parallel_tool_calls=False`` allows one call at most: a forced call's schema allows
-        one, and of calls read from free text the first is kept.
+        call, read by ``tool_parser``; ``"required"`` forces one or more calls, ``"any"`` one
+        call, a tool name one call of it, all by constrained decoding; ``"none"`` reads no calls.
+        ``parallel_tool_calls`` True/False sets whether several calls are allowed: False allows
+        one at most (a forced call's schema allows one; of calls read from free text the first
+        is kept). See ``docs/tools.md``.
 
         A trunk for tool-calling branches is forked with the same tools, so that every branch's
         prompt starts with the trunk's tokens:
@@ -418,9 +419,10 @@ class ChatThaw(BaseChatModel):
 
         Args:
             tools: OpenAI tool dicts, LangChain tools, pydantic models or typed functions.
-            tool_choice: ``"auto"``/None, ``"none"``, ``"required"``/``"any"`` (one or more
-                forced calls), or a tool name (one forced call of it).
-            parallel_tool_calls: False allows at most one call per reply; None/True allow several.
+            tool_choice: ``"auto"``/None, ``"none"``, ``"required"`` (one or more forced
+                calls), ``"any"`` (one forced call), or a tool name (one forced call of it).
+            parallel_tool_calls: False allows at most one call per reply, True several (also
+                with ``"any"``); None: several, except for ``"any"``.
 
         Example:
             >>> agent = ChatThaw().bind_tools([add], tool_choice="required")   # doctest: +SKIP

@@ -51,9 +51,11 @@ def test_required_tool_choice_allows_several_calls_unless_parallel_is_off() -> N
     llm = ChatThaw(temperature=0)
     several = _forced(llm.bind_tools([get_weather, get_time], tool_choice="required"))
     assert several["type"] == "array" and several["minItems"] == 1 and "maxItems" not in several
-    assert _forced(llm.bind_tools([get_weather], tool_choice="any"))["type"] == "array"
     one = _forced(llm.bind_tools([get_weather, get_time], tool_choice="required", parallel_tool_calls=False))
     assert one["anyOf"][0]["properties"]["name"]["enum"] == ["get_weather"]
+    assert _forced(llm.bind_tools([get_weather], tool_choice="any"))["type"] == "object"
+    any_several = _forced(llm.bind_tools([get_weather], tool_choice="any", parallel_tool_calls=True))
+    assert any_several["type"] == "array"
     named = _forced(llm.bind_tools([get_weather, get_time], tool_choice="get_time"))
     assert named["properties"]["name"]["enum"] == ["get_time"]
 
