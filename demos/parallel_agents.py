@@ -108,7 +108,7 @@ async def _branches(llm: Any, trunk: list, approaches: list[str], handle: Any) -
                 ttft = time.perf_counter() - start
             full = chunk if full is None else full + chunk
         assert full is not None
-        _demo.report(f"branch done: {approach.split(':')[0]}")
+        _demo.report(f"branch done: {_demo.clip(approach.split(':')[0], 40)}")
         usage = full.usage_metadata or {}
         cached = int(usage.get("input_token_details", {}).get("cache_read", 0))
         return {

@@ -90,6 +90,7 @@ def build_graph(llm: Any, mode: str, on_branch_done: Any = None) -> Any:
                     "prompt_tokens": usage["input_tokens"],
                     "cached_tokens": usage["input_token_details"]["cache_read"],
                     "output_tokens": usage["output_tokens"],
+                    "fork": branch["fork"],
                     "text": full.content,
                 }
             ]
@@ -101,6 +102,7 @@ def build_graph(llm: Any, mode: str, on_branch_done: Any = None) -> Any:
 
 
 def run_mode(mode: str, model: str | None, max_tokens: int) -> dict[str, Any]:
+    import thaw_agents
     from thaw_agents import ChatThaw
 
     engine_kwargs: dict[str, Any] = {"max_model_len": 4096}
@@ -122,6 +124,8 @@ def run_mode(mode: str, model: str | None, max_tokens: int) -> dict[str, Any]:
             # Async nodes: LangGraph runs the four branches concurrently, so the engine batches them.
             result = asyncio.run(build_graph(llm, mode, advance).ainvoke(state))
             total = time.perf_counter() - start
+        for fork_id in {r["fork"] for r in result["reviews"] if r["fork"]}:
+            thaw_agents.ForkHandle.from_id(fork_id).delete()  # the routing step's snapshot, now used
     finally:
         llm.close()
     reviews = sorted(result["reviews"], key=lambda r: list(SPECIALISTS).index(r["aspect"]))

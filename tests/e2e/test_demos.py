@@ -133,8 +133,9 @@ def test_pr_review_langgraph(tmp_path: Path) -> None:
     assert set(runs) == {"baseline", "thaw"}
     for thaw, base in zip(runs["thaw"]["branches"], runs["baseline"]["branches"], strict=True):
         assert thaw["aspect"] == base["aspect"] and thaw["prompt_tokens"] == base["prompt_tokens"]
-        assert base["cached_tokens"] == 0
+        assert base["cached_tokens"] == 0 and base["fork"] is None
         assert 1000 <= thaw["cached_tokens"] < thaw["prompt_tokens"]
+    assert len({b["fork"] for b in runs["thaw"]["branches"]}) == 1  # one snapshot, four branches
     assert "PR review, four branches" in stdout and "thaw / baseline:" in stdout
     assert "the reviews (thaw run, clipped)" in stdout
 
