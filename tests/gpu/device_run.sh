@@ -17,6 +17,9 @@ OUTDIR=${OUT:-/tmp/thaw-out}
 mkdir -p "$STATE/logs" "$STATE/results" "$OUTDIR"
 export PYTHONPATH=/tmp/thaw-site:/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false VLLM_ENABLE_V1_MULTIPROCESSING=0
+# The checkout's thaw_agents/ (without accel/ and integrations/) must not shadow the installed copy
+# in processes vLLM starts with `python -m` from this folder.
+export PYTHONSAFEPATH=1
 export THAW_GPU_MODEL=$ROOT/.gpu/model8b THAW_GPU_LOAD_FORMAT=dummy THAW_GPU_WEIGHTS_DIR=/var/tmp/thaw-bench-w8b
 M=$ROOT/.gpu/model8b
 BENCH=(python3 benchmarks/gpu_engine.py --model "$M" --out-dir "$STATE/results" --tag nvidia-h200)
