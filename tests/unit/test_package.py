@@ -165,6 +165,10 @@ def test_wheel_maps_the_namespace(tmp_path: Path) -> None:
     assert "thaw_agents/integrations/__init__.py" in names
     assert "thaw_agents/connector/facade.py" in names
     assert "thaw_agents/pool/_worker.py" in names
+    # Every subpackage of the source tree is in the wheel (pyproject lists them by hand).
+    for init in (ROOT / "thaw_agents").glob("*/__init__.py"):
+        sub = init.parent.name
+        assert f"thaw_agents/{sub}/__init__.py" in names, f"pyproject's packages lacks thaw_agents.{sub}"
     assert "thaw_agents/py.typed" in names
 
 
