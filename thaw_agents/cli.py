@@ -286,8 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["serve"]:  # every option it does not know goes to vLLM's own parser
             from .serve.launch import main as serve
 
-            _quiet_engine_logs("serve", verbose)
-            return serve(argv[1:])
+            return serve(argv[1:], before_start=lambda: _quiet_engine_logs("serve", verbose))
         args = _parser().parse_args(argv)
         args.verbose = verbose or args.verbose
         return int(args.func(args))

@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._errors import ConfigError
@@ -122,9 +122,15 @@ def _prepare(argv: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
     return build_vllm_argv(args, passthrough, str(store)), env
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until it is stopped (Ctrl-C or SIGTERM)."""
+def main(argv: Sequence[str] | None = None, *, before_start: Callable[[], None] | None = None) -> int:
+    """Run the server until it is stopped (Ctrl-C or SIGTERM).
+
+    ``before_start`` runs once the arguments are checked (the CLI routes vLLM's logs there, so a
+    usage error stays one line).
+    """
     vllm_argv, env = _prepare(argv)
+    if before_start is not None:
+        before_start()
     os.environ.update(env)
     run_vllm_server(vllm_argv)
     return 0
