@@ -79,6 +79,10 @@ def to_openai_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
     else:
         try:
             chat = convert_to_openai_messages(items, text_format="string")
+        except KeyError as exc:  # langchain-core's answer to a tool message without its call's id
+            raise ConfigError(
+                f"a message lacks the field {exc}: a tool message needs the tool_call_id of its call"
+            ) from exc
         except (ValueError, TypeError, NotImplementedError) as exc:
             raise ConfigError(f"these messages cannot be converted to chat messages: {exc}") from exc
     for message in chat:

@@ -167,3 +167,8 @@ def test_hermes_messages_name_results_by_their_call() -> None:
     )
     assert written[3]["content"].startswith("<tool_response name=get_weather>")
     assert "tool_calls" not in written[2]
+
+
+def test_a_tool_message_without_its_call_id_is_a_config_error() -> None:
+    with pytest.raises(thaw_agents.ConfigError, match="tool_call_id"):
+        chat.to_openai_messages([{"role": "tool", "content": "20 C"}])
