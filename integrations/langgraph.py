@@ -51,6 +51,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
+from langchain_core.runnables import RunnableBinding
 from langgraph.types import Send
 
 import thaw_agents
@@ -82,18 +83,25 @@ def _as_branch(suffix: str | MessagesLike) -> list[BaseMessage]:
     return list(convert_to_messages(suffix))
 
 
-def _snapshot(llm: ChatThaw, prefix: list[BaseMessage]) -> thaw_agents.ForkHandle | RemoteSnapshot | None:
+def _snapshot(
+    llm: ChatThaw, prefix: list[BaseMessage], tools: Any = None
+) -> thaw_agents.ForkHandle | RemoteSnapshot | None:
     """Fork the trunk, or None (and a warning) when it cannot be snapshotted here.
 
     Against a server (``ChatThaw(base_url=...)``) the trunk is snapshotted there and only its id
     comes back: the branches run on that server and name it, so downloading the file (what
     ``thaw_agents.fork`` does, to give a handle that can be saved or hydrated elsewhere) would
     cost a transfer of the whole KV per round for nothing.
+
+    ``tools``: the branches' tools when the call passes them; otherwise a bound ChatThaw's own.
+    The trunk is rendered with them, as the branches' prompts are, or they would not reuse it.
     """
+    if tools is None and isinstance(llm, RunnableBinding):
+        tools = llm.kwargs.get("tools")
     try:
         if llm.base_url is not None:
-            return llm._remote_chat().snapshot(prefix)
-        return thaw_agents.fork(llm, prefix)
+            return llm._remote_chat().snapshot(prefix, tools=tools)
+        return thaw_agents.fork(llm, prefix, tools=tools)
     except thaw_agents.ThawError as exc:
         logger.warning("fork_fanout: the trunk could not be snapshotted (%s); branches prefill", exc)
         return None
@@ -137,7 +145,7 @@ async def fork_fanout(
             "server. Drop pool= (or use an in-process ChatThaw)."
         )
     start = time.perf_counter()
-    handle = await asyncio.to_thread(_snapshot, llm, prefix)
+    handle = await asyncio.to_thread(_snapshot, llm, prefix, params.get("tools"))
     fork_s = time.perf_counter() - start
     if pool is not None and handle is not None and not ({"tools", "structured_outputs"} & params.keys()):
         pooled = await _on_pool(llm, pool, handle, prefix, branches, params, fork_s)
@@ -198,13 +206,14 @@ async def _on_pool(
     """Run the branches on the pool's workers; None when they must run in the parent instead."""
     from vllm import SamplingParams
 
-    from ._messages import to_chat_dicts
+    from thaw_agents.chat import to_openai_messages
+
     from ._request import SAMPLING_FIELDS, prompt_token_ids
 
     engine = (await llm._handle()).engine
     suffixes: list[list[int]] = []
     for branch in branches:
-        ids = await prompt_token_ids(engine, to_chat_dicts([*prefix, *branch]))
+        ids = await prompt_token_ids(engine, to_openai_messages([*prefix, *branch]))
         if tuple(ids[: handle.num_tokens]) != handle.token_ids:
             logger.warning("fork_fanout: a branch does not start with the trunk's tokens; using the engine")
             return None

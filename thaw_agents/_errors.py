@@ -39,6 +39,7 @@ __all__ = [
     "ModelPreparationError",
     "PoolError",
     "PoolTimeoutError",
+    "RequestTimeoutError",
     "SnapshotChangedError",
     "SnapshotChecksumError",
     "SnapshotError",
@@ -79,6 +80,11 @@ class ModelPreparationError(ThawError, RuntimeError):
 
 class EngineError(ThawError, RuntimeError):
     """The engine refused or failed a thaw operation (save, load, describe)."""
+
+
+class RequestTimeoutError(EngineError, TimeoutError):
+    """A request ran past its ``timeout_s``; the front aborted it in the engine: retry with a
+    longer timeout, or fewer tokens (``max_tokens``)."""
 
 
 class SnapshotError(ThawError):

@@ -294,3 +294,14 @@ def test_fork_fanout_over_http(chat: ChatThaw, trunk) -> None:
         assert reply.usage_metadata["input_token_details"]["cache_read"] >= 1000
     with pytest.raises(thaw_agents.ConfigError, match="pool"):
         asyncio.run(fork_fanout(chat, trunk, ["x"], pool=object()))  # type: ignore[arg-type]
+
+
+def test_fork_fanout_over_http_with_bound_tools_reuses_the_trunk(chat: ChatThaw, trunk) -> None:
+    # The tools are rendered into the system message, so a trunk snapshotted without them
+    # would diverge from the branches' prompts within the first tokens.
+    bound = chat.bind_tools([add])
+    branches = ["Review for style.", "Review for security."]
+    replies = asyncio.run(fork_fanout(bound, trunk, branches, max_tokens=4))
+    for reply in replies:
+        assert reply.response_metadata["placement"] == "server"
+        assert reply.usage_metadata["input_token_details"]["cache_read"] >= 1000

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._errors import ConfigError, EngineError, ThawError
+from .._errors import ConfigError, EngineError, RequestTimeoutError, ThawError
 from .._kvspec import KVSpec
 
 if TYPE_CHECKING:
@@ -37,10 +37,6 @@ __all__ = [
 ]
 
 Prefix = str | Sequence[int] | Sequence[Any]
-
-
-class RequestTimeoutError(EngineError, TimeoutError):
-    """A request ran past its ``timeout_s``; the front aborted it in the engine."""
 
 
 @dataclass(frozen=True, slots=True)
