@@ -188,6 +188,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON output file")
     args = parser.parse_args()
     modes = [args.only] if args.only else list(MODES)
+    from thaw_agents._logfile import send_vllm_logs_to_file
+
+    print(f"vLLM's log: {send_vllm_logs_to_file('fork_stall')}; writers: {', '.join(modes)}", flush=True)
     load_before = os.getloadavg()
     runs = {}
     for mode in modes:
