@@ -1,6 +1,6 @@
 """``swap_weights`` into a running engine, end to end with a real vLLM engine.
 
-The engines run in one child process (tests/helpers/swap_child.py: an in-process engine owns
+The engines run in child processes (tests/helpers/swap_child.py: an in-process engine owns
 process-wide state, and the session may hold one already): two tiny Llamas of the same shapes
 and other weights, float32, greedy, one request at a time on both sides of every comparison.
 """
@@ -8,31 +8,21 @@ and other weights, float32, greedy, one request at a time on both sides of every
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-CHILD = Path(__file__).resolve().parent.parent / "helpers" / "swap_child.py"
+from helpers.swap_models import run_child, swap_models
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    folder = tmp_path_factory.mktemp("swap")
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    proc = subprocess.run(
-        [sys.executable, str(CHILD), str(folder)], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    folder, _ = swap_models(tmp_path_factory)
+    return json.loads(run_child("swap", folder).strip().splitlines()[-1])
 
 
 def test_swap_gives_a_fresh_engines_output_and_back(run: dict[str, Any]) -> None:
     assert run["fresh_a"] != run["fresh_b"]  # the two models really differ
+    assert run["start"] == run["fresh_a"]
     assert run["swapped_b"] == run["fresh_b"]
     assert run["swapped_back"] == run["fresh_a"]
 

@@ -1,7 +1,9 @@
 """The engine side of tests/e2e/test_swap.py, run in its own process (an in-process vLLM engine
 owns process-wide state; the test session may hold one already).
 
-Usage: python swap_child.py FOLDER  -> one JSON object on the last line of stdout.
+Usage: python swap_child.py models FOLDER  (the two models, their weights files and greedy
+output: FOLDER/models.json), then python swap_child.py swap FOLDER (-> one JSON object on the
+last line of stdout).
 
 Two tiny Llamas of the same shapes and other weights (seeds 0 and 1), float32 so greedy
 output is exact; every output is one request at a time, on both sides of a comparison.
@@ -56,34 +58,41 @@ def error_of(call: Any) -> dict[str, Any] | None:
     return None
 
 
-def main() -> None:
-    import os
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+def models(folder: Path) -> None:
+    """Two tiny Llamas (seeds 0 and 1), each frozen by a fresh engine that then gives the
+    reference greedy output: ``models.json`` beside them."""
     import thaw_agents
     from helpers.tiny_model import build_tiny_model
-    from thaw_agents.weights import HostWeights, freeze_model, freeze_tensors, read_weights_manifest
 
-    folder = Path(sys.argv[1])
-    os.environ["THAW_AGENTS_STORE"] = str(folder / "store")  # before any engine: its connector keeps it
-    model_a = build_tiny_model(folder / "tiny-a", seed=0)
-    model_b = build_tiny_model(folder / "tiny-b", seed=1)
-    file_a, file_b = folder / "a.thaw", folder / "b.thaw"
-    freeze_model(model_a, file_a, dtype="float32")
-    freeze_model(model_b, file_b, dtype="float32")
     out: dict[str, Any] = {}
+    for label, seed in (("a", 0), ("b", 1)):
+        model = build_tiny_model(folder / f"tiny-{label}", seed=seed)
+        path = folder / f"{label}.thaw"
+        llm = thaw_agents.make_llm(
+            str(model), load_format="thaw", model_loader_extra_config={"freeze_to": str(path)}, **SETTINGS
+        )
+        out[label] = {"model": str(model), "file": str(path), "greedy": greedy(llm)}
+        shutdown(llm)
+    (folder / "models.json").write_text(json.dumps(out))
 
-    ref = thaw_agents.make_llm(str(model_b), **SETTINGS)
-    out["fresh_b"] = greedy(ref)
-    shutdown(ref)
 
-    llm = thaw_agents.make_llm(str(model_a), **SETTINGS)
-    out["fresh_a"] = greedy(llm)
+def swap(folder: Path) -> None:
+    import os
+
+    import torch
+
+    import thaw_agents
+    from thaw_agents.weights import HostWeights, freeze_tensors, read_weights_manifest
+
+    made = json.loads((folder / "models.json").read_text())
+    file_a, file_b = Path(made["a"]["file"]), Path(made["b"]["file"])
+    out: dict[str, Any] = {"fresh_a": made["a"]["greedy"], "fresh_b": made["b"]["greedy"]}
+    llm = thaw_agents.make_llm(made["a"]["model"], **SETTINGS)
+    out["start"] = greedy(llm)
     prompt = list(range(100, 200))  # 3 full blocks
     before = thaw_agents.fork(llm, prompt)
     before_path = before.save(folder / "before.thaw")
     out["fingerprint_start"] = thaw_agents.front.front_for(llm).kv_spec().model_fingerprint
-
     # Bad files first, while A is served: each is a typed error and A stays.
     corrupt = folder / "corrupt.thaw"
     shutil.copy(file_b, corrupt)
@@ -96,8 +105,6 @@ def main() -> None:
     shutil.copy(file_b, truncated)
     os.truncate(truncated, os.path.getsize(truncated) - 4096)
     foreign = folder / "foreign.thaw"
-    import torch
-
     manifest = read_weights_manifest(file_b)
     tensors = {e.name: torch.zeros(e.shape, dtype=torch.float32) for e in manifest.tensors}
     name = next(n for n in tensors if n.endswith("down_proj.weight"))
@@ -152,6 +159,15 @@ def main() -> None:
     out["host_route"] = result.route
     shutdown(llm)
     print(json.dumps(out))
+
+
+def main() -> None:
+    import os
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    stage, folder = sys.argv[1], Path(sys.argv[2])
+    os.environ["THAW_AGENTS_STORE"] = str(folder / "store")  # before any engine: its connector keeps it
+    {"models": models, "swap": swap}[stage](folder)
 
 
 if __name__ == "__main__":
