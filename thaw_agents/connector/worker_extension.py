@@ -32,7 +32,8 @@ class ThawWorkerExtension:
         ``load``/``map`` (a :class:`~thaw_agents.weights.HostWeights` of ``path``: the caller's
         own when this worker runs in its process, else one this worker keeps for next time).
 
-        Returns ``{"fingerprint", "nbytes", "num_tensors", "seconds", "route"}`` or
+        Returns ``{"fingerprint", "nbytes", "num_tensors", "seconds" (the verified restore),
+        "process_s" (vLLM's post-load processing), "route"}`` or
         ``{"error": {"type", "message", ...}}`` (the model is then unchanged)."""
         from ..weights._inplace import restore_into_running_model
         from ..weights._swap import error_json
@@ -40,7 +41,7 @@ class ThawWorkerExtension:
         try:
             runner = self.model_runner  # type: ignore[attr-defined]
             source = path if hold == "file" else _host_weights(path, hold, owner_pid, token)
-            stats, fingerprint = restore_into_running_model(
+            stats, process_s, fingerprint = restore_into_running_model(
                 runner.get_model(), runner.model_config, runner.device, source
             )
         except Exception as exc:
@@ -56,6 +57,7 @@ class ThawWorkerExtension:
             "nbytes": stats.nbytes,
             "num_tensors": stats.num_tensors,
             "seconds": stats.seconds,
+            "process_s": process_s,
             "route": stats.route,
         }
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -110,12 +111,13 @@ def restore_into_running_model(
     model_config: Any,
     device: torch.device,
     source: str | HostWeights,
-) -> tuple[WeightsStats, str]:
+) -> tuple[WeightsStats, float, str]:
     """Swap the weights of a loaded vLLM ``model`` for those of ``source`` (a weights file's
     path, or a :class:`HostWeights`), all or nothing; then redo vLLM's post-load processing.
 
     Returns:
-        The restore's statistics and the new weights' :func:`weights_fingerprint`.
+        The restore's statistics, the seconds of vLLM's post-load processing, and the new
+        weights' :func:`weights_fingerprint`.
 
     Raises:
         ConfigError: the model is quantized.
@@ -149,8 +151,9 @@ def restore_into_running_model(
             target.module.register_parameter(target.attr, target.tensor)  # type: ignore[arg-type]
         else:
             target.module.register_buffer(target.attr, target.tensor, persistent=True)
+    start = time.perf_counter()
     with torch.no_grad():
         process_weights_after_loading(model, model_config, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return stats, weights_fingerprint(manifest)
+    return stats, time.perf_counter() - start, weights_fingerprint(manifest)

@@ -53,8 +53,11 @@ class SwapResult:
     Attributes:
         fingerprint: the engine's model fingerprint from now on (KV snapshots must match it).
         nbytes: bytes restored; num_tensors: tensors restored.
-        restore_s: the verified restore and vLLM's post-load processing, in the workers.
-        total_s: the whole swap, waiting for requests in flight included.
+        restore_s: the verified restore in the workers (read, checksums, copy).
+        process_s: vLLM's post-load processing after it (on CPU: repacking every linear layer).
+        total_s: the whole swap: waiting for requests in flight, the RPC, the prefix-cache
+            reset and the one-token step after it (on CPU its first forward on the repacked
+            weights builds the GEMM kernels, which the first request would pay otherwise).
         route: how the bytes moved (``mmap``, ``host``, ``buffered+ring+landing+gpu-verified``...).
     """
 
@@ -62,6 +65,7 @@ class SwapResult:
     nbytes: int
     num_tensors: int
     restore_s: float
+    process_s: float
     total_s: float
     route: str
 
@@ -128,6 +132,7 @@ def _result(reply: dict[str, Any], start: float) -> SwapResult:
         nbytes=int(reply["nbytes"]),
         num_tensors=int(reply["num_tensors"]),
         restore_s=float(reply["seconds"]),
+        process_s=float(reply["process_s"]),
         total_s=time.perf_counter() - start,
         route=str(reply["route"]),
     )
