@@ -15,6 +15,8 @@ What it shows, for a few steps of a (toy) training loop:
 Run (the default model on a CPU, a few minutes; ``--small`` for a smoke test)::
 
     .venv/bin/python demos/rl_policy_loop.py [--model PATH] [--steps 3] [--small] [--json out.json]
+
+``--small`` (2 steps, 2 rollouts of 16 tokens) runs the swap and restart modes only.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def _vllm_reload(llm: Any, path: str) -> str | None:
 def print_report(results: dict[str, dict[str, Any]]) -> None:
     ms = _demo.ms
     rows: list[Any] = []
-    for mode in MODES:
+    for mode in results:
         for row in results[mode]["steps"]:
             weights = ms(row["weights_in_s"] + row.get("engine_start_s", 0.0))
             if row.get("reload_error"):
@@ -198,12 +200,14 @@ def print_report(results: dict[str, dict[str, Any]]) -> None:
     )
     swap = results["swap"]["steps"]
     later = [r["weights_in_s"] for r in swap[1:]] or [swap[0]["weights_in_s"]]
-    restart = [r["weights_in_s"] + r["engine_start_s"] for r in results["restart"]["steps"]]
+    restart = [
+        r["weights_in_s"] + r["engine_start_s"] for r in results.get("restart", {"steps": []})["steps"]
+    ]
     out = _demo.console
     out.print(
         f"\nswap: median {ms(statistics.median(later))} per step (restore {ms(swap[-1]['restore_s'])}, "
         f"vLLM post-processing {ms(swap[-1]['process_s'])}); "
-        f"restart: median {ms(statistics.median(restart))}."
+        + (f"restart: median {ms(statistics.median(restart))}." if restart else "")
     )
     refused = [r.get("stale_refused_on") for r in swap[1:]]
     if refused:
@@ -211,7 +215,7 @@ def print_report(results: dict[str, dict[str, Any]]) -> None:
             "The previous step's trunk snapshot, after each swap: refused on "
             f"{sorted(set(map(str, refused)))}."
         )
-    errors = {r.get("reload_error") for r in results["reload"]["steps"]} - {None}
+    errors = {r.get("reload_error") for r in results.get("reload", {"steps": []})["steps"]} - {None}
     if errors:
         out.print(f"[dim]vLLM reload_weights: {sorted(errors)[0]}[/dim]")
     _demo.print_replies(
@@ -230,6 +234,7 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, help="rollouts per step (default 8; --small 2)")
     parser.add_argument("--max-tokens", type=int, help="tokens per rollout (default 48; --small 16)")
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine (default 512)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, help="default: all three; --small: swap restart")
     parser.add_argument("--json", help="write the results to this JSON file")
     _demo.add_output_args(parser)
     parser.add_argument("--phase", choices=MODES, help=argparse.SUPPRESS)
@@ -239,6 +244,7 @@ def main() -> None:
     args.steps = args.steps or (2 if args.small else 3)
     args.rollouts = args.rollouts or (2 if args.small else 8)
     args.max_tokens = args.max_tokens or (16 if args.small else 48)
+    args.modes = args.modes or (["swap", "restart"] if args.small else list(MODES))
     if args.phase:
         args.trained = json.loads(Path(args.trained_json).read_text())
         _demo.write_json(args.phase_out, run_mode(args))
@@ -249,7 +255,8 @@ def main() -> None:
         [
             f"[bold]RL policy loop[/bold]: {args.steps} steps of train -> freeze -> new weights into the "
             f"rollout engine -> fork the trunk -> {args.rollouts} rollouts,",
-            "with swap_weights into a running engine, a restarted engine, and vLLM's reload_weights.",
+            "ways: " + ", ".join(args.modes) + " (swap_weights into a running engine, a new engine per step, "
+            "vLLM's reload_weights).",
         ]
     )
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -275,7 +282,7 @@ def main() -> None:
             mode: _demo.run_phase(
                 __file__, [f"--phase={mode}", *common], label=f"{mode}: a fresh process", log=log
             )
-            for mode in MODES
+            for mode in args.modes
         }
     print_report(results)
     _demo.model_note(args.model)
