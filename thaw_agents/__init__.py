@@ -47,6 +47,7 @@ from ._errors import (
 from ._fork import ForkHandle, fork, with_fork
 from .models import default_model
 from .pool import BranchResult, ForkPool, afork_completions, fork_completions
+from .weights._swap import SwapResult, aswap_weights, swap_weights
 
 if TYPE_CHECKING:
     from .integrations.langgraph import ChatThaw, fork_fanout, fork_fanout_sync, fork_sends, trunk_of
@@ -82,10 +83,12 @@ __all__ = [
     "SnapshotTruncatedError",
     "SnapshotVersionError",
     "SnapshotWriteError",
+    "SwapResult",
     "ThawError",
     "WorkerDiedError",
     "__version__",
     "afork_completions",
+    "aswap_weights",
     "default_model",
     "engine_kwargs",
     "fork",
@@ -94,6 +97,7 @@ __all__ = [
     "fork_fanout_sync",
     "fork_sends",
     "make_llm",
+    "swap_weights",
     "trunk_of",
     "with_fork",
 ]

@@ -148,3 +148,19 @@ def test_quickstart(tmp_path: Path) -> None:
     base, thaw = results["fresh_process"]["re-prefill"], results["fresh_process"]["thaw"]
     assert base["cached"] == 0 and 0 < thaw["cached"] <= thaw["prompt_tokens"] == base["prompt_tokens"]
     assert "fresh engine process, one branch: thaw vs re-prefill" in stdout
+
+
+def test_rl_policy_loop(tmp_path: Path) -> None:
+    results, stdout = run_demo("rl_policy_loop", tmp_path)
+    swap, restart = results["swap"]["steps"], results["restart"]["steps"]
+    assert len(swap) == len(restart) == results["args"]["steps"] > 1
+    fingerprints = [row["fingerprint"] for row in swap]
+    assert len(set(fingerprints)) == len(fingerprints)  # every step's weights are new weights
+    for row in swap[1:]:
+        assert row["stale_refused_on"] == "model_fingerprint"  # last step's trunk snapshot
+    for row in swap + restart:
+        assert row["snapshot_tokens"] > 0 and min(row["cached_tokens"]) == row["snapshot_tokens"]
+    # The swapped engine and an engine started on the same file: the same seeded rollouts.
+    for swapped, restarted in zip(swap, restart, strict=True):
+        assert swapped["first_text"] == restarted["first_text"], swapped["step"]
+    assert "Per step: new weights into the rollout engine" in stdout

@@ -20,6 +20,9 @@ Scheduler side:
 * ``build_connector_meta``: this step's load and save jobs, and the requests whose unwritten
   saves read blocks this step writes (the worker finishes those saves first).
 * ``update_connector_output``: save results from the worker; uncount blocks that failed to load.
+* ``reset_cache`` (vLLM's ``reset_prefix_cache(reset_connector=True)``, sent after a weights
+  swap): forget the model fingerprint, refuse loads until the worker reports it (asked for in
+  the next step's metadata, answered in ``build_connector_worker_meta``).
 * ``request_finished``: forget the request and report what happened (``kv_transfer_params
   ["thaw"]``). It returns False even while a save reads the blocks: freed blocks keep their
   bytes until vLLM allocates them again, and the step that does so first finishes the saves
@@ -79,6 +82,7 @@ class ThawConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._scheduler: ThawScheduler | None = None
         self._worker: ThawWorker | None = None
+        self._fingerprint_asked = False  # worker half: report the model fingerprint this step
         config = ThawConnectorConfig.from_vllm_config(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = ThawScheduler(vllm_config, config)
@@ -102,6 +106,7 @@ class ThawConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, ThawConnectorMetadata)
+        self._fingerprint_asked |= metadata.want_fingerprint
         self.worker.start_load_kv(metadata)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -129,7 +134,12 @@ class ThawConnector(KVConnectorBase_V1):
 
     def build_connector_worker_meta(self) -> ThawWorkerMetadata | None:
         results = self.worker.take_results()
-        return ThawWorkerMetadata(results=results) if results else None
+        fingerprint = None
+        if self._fingerprint_asked and self.worker.spec is not None:
+            fingerprint, self._fingerprint_asked = self.worker.spec.model_fingerprint, False
+        if not results and fingerprint is None:
+            return None
+        return ThawWorkerMetadata(results=results, model_fingerprint=fingerprint)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()
@@ -160,3 +170,7 @@ class ThawConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
+
+    def reset_cache(self) -> bool | None:
+        # vLLM's reset_prefix_cache(reset_connector=True): the weights may have changed.
+        return self.scheduler.reset_cache() if self._scheduler is not None else None

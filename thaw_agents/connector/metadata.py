@@ -62,6 +62,9 @@ class ThawConnectorMetadata(KVConnectorMetadata):
     # Requests whose saves may still read blocks that this step allocates to another request:
     # the worker finishes those saves before the forward (handle_preemptions).
     flush: list[str] = field(default_factory=list)
+    # The scheduler half lost the engine's model fingerprint (its cache was reset: the weights
+    # may have been swapped) and asks the worker for it (``ThawWorkerMetadata.model_fingerprint``).
+    want_fingerprint: bool = False
 
 
 @dataclass
@@ -71,7 +74,11 @@ class ThawWorkerMetadata(KVConnectorWorkerMetadata):
     ``{"snapshot_id", "status": "failed", "error": {"type", "message", ...}}``."""
 
     results: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    model_fingerprint: str | None = None  # the worker's, when the scheduler asked for it
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> ThawWorkerMetadata:
         assert isinstance(other, ThawWorkerMetadata)
-        return ThawWorkerMetadata(results=[*self.results, *other.results])
+        return ThawWorkerMetadata(
+            results=[*self.results, *other.results],
+            model_fingerprint=self.model_fingerprint or other.model_fingerprint,
+        )

@@ -79,6 +79,9 @@ class ThawScheduler:
         self.store = config.store
         self._manifests = ManifestCache(self.store)
         self._fingerprint: str | None = None
+        # After reset_cache (a weights swap): the fingerprint is the worker's, asked for in the
+        # next step's metadata; until it comes, every snapshot is refused (fail closed).
+        self._fingerprint_unknown = False
         self._loads: dict[str, _Load] = {}
         self._saves: dict[str, _PendingSave] = {}
         self._refused: dict[str, tuple[str, str | None, str]] = {}  # req -> (op, id, why)
@@ -91,6 +94,13 @@ class ThawScheduler:
     # -- checks ------------------------------------------------------------------------
     def _check_engine(self, spec: KVSpec, path: str) -> None:
         """What the scheduler can check itself; the worker checks the whole spec again."""
+        if self._fingerprint_unknown:
+            raise SnapshotMismatchError(
+                "model_fingerprint",
+                "unknown (the engine's weights were just swapped)",
+                spec.model_fingerprint,
+                path=path,
+            )
         if self._fingerprint is None:
             self._fingerprint = engine_fingerprint(self._vllm_config)
         for name, engine_value, snapshot_value in (
@@ -186,6 +196,8 @@ class ThawScheduler:
         recomputes them) so ``num_cached_tokens`` only counts tokens actually loaded."""
         worker_meta = connector_output.kv_connector_worker_meta
         if isinstance(worker_meta, ThawWorkerMetadata):
+            if worker_meta.model_fingerprint is not None:
+                self._fingerprint, self._fingerprint_unknown = worker_meta.model_fingerprint, False
             for req_id, result in worker_meta.results:
                 self._take_result(req_id, result)
         invalid = connector_output.invalid_block_ids
@@ -268,8 +280,14 @@ class ThawScheduler:
         )
 
     # -- per step ----------------------------------------------------------------------
+    def reset_cache(self) -> bool:
+        """The engine's weights may have changed (vLLM's ``reset_prefix_cache(reset_connector=
+        True)``, which ``swap_weights`` sends): learn the model fingerprint from the worker again."""
+        self._fingerprint_unknown = True
+        return True
+
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> ThawConnectorMetadata:
-        meta = ThawConnectorMetadata()
+        meta = ThawConnectorMetadata(want_fingerprint=self._fingerprint_unknown)
         num_scheduled = scheduler_output.num_scheduled_tokens
         written: list[int] = []  # blocks this step's loads and forwards write
         for new_req in scheduler_output.scheduled_new_reqs:

@@ -16,7 +16,7 @@ from typing import Any
 from .._errors import SnapshotError, SnapshotMismatchError, SnapshotNotFoundError
 from ..connector.params import LoadParams, ParamsError, SaveParams, parse_params
 
-__all__ = ["SnapshotGuard", "error_body"]
+__all__ = ["SnapshotGuard", "error_body", "respond", "status_of"]
 
 _GUARDED = ("/v1/completions", "/v1/chat/completions")
 _MAX_BODY = 64 << 20
@@ -77,7 +77,7 @@ class SnapshotGuard:
             ids = self._check(service, body)
         except Exception as exc:
             status, kind = status_of(exc)
-            await _respond(send, status, error_body(status, str(exc), kind))
+            await respond(send, status, error_body(status, str(exc), kind))
             return
         if not ids:
             await self.app(scope, replay, send)
@@ -104,7 +104,8 @@ class SnapshotGuard:
         return []
 
 
-async def _respond(send: Any, status: int, body: bytes) -> None:
+async def respond(send: Any, status: int, body: bytes) -> None:
+    """Send a whole JSON response (status and body) from an ASGI middleware."""
     await send(
         {
             "type": "http.response.start",

@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="thaw-agents serve",
         usage="thaw-agents serve [MODEL] [--host H] [--port P] [--api-key KEY] [--store DIR] "
-        "[--store-max-gib N] [vLLM server options]",
+        "[--store-max-gib N] [--weights NAME=FILE ...] [--weights-dir DIR] [vLLM server options]",
         description="vLLM's OpenAI-compatible server with the thaw connector and /v1/thaw snapshot routes. "
         "Options not listed here are passed to vLLM's server (see its --help).",
     )
@@ -59,7 +59,37 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="evict least recently used snapshots past this size (default: a fifth of the disk, at most 200)",
     )
+    p.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="serve a weights snapshot of MODEL's architecture under NAME (repeatable); a request's "
+        "'model' picks one, the server swaps when another is loaded; the first is loaded at start",
+    )
+    p.add_argument(
+        "--weights-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder POST /v1/thaw/weights may register files from (besides those of --weights)",
+    )
     return p
+
+
+def _weights_env(args: argparse.Namespace) -> str | None:
+    """The ``--weights`` registry for the server process (files checked now: one-line errors)."""
+    from .weights import parse_weights_args
+
+    names = parse_weights_args(args.weights)
+    folders = [os.path.dirname(path) for path in names.values()]
+    for folder in args.weights_dir:
+        if not os.path.isdir(folder):
+            raise ConfigError(f"--weights-dir {folder}: no such folder")
+        folders.append(os.path.abspath(folder))
+    if not names and not folders:
+        return None
+    return json.dumps({"names": names, "folders": list(dict.fromkeys(folders))})
 
 
 def build_vllm_argv(args: argparse.Namespace, passthrough: Sequence[str], store: str) -> list[str]:
@@ -117,6 +147,11 @@ def _prepare(argv: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
         if args.store_max_gib <= 0:
             raise ConfigError("--store-max-gib must be positive")
         env["THAW_AGENTS_STORE_MAX_BYTES"] = str(int(args.store_max_gib * (1 << 30)))
+    weights = _weights_env(args)
+    if weights is not None:
+        from .weights import WEIGHTS_ENV
+
+        env[WEIGHTS_ENV] = weights
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*plugins, *_PLUGINS]))
     return build_vllm_argv(args, passthrough, str(store)), env

@@ -6,10 +6,14 @@ GET    /v1/thaw/snapshots/{id}          the manifest (JSON header)
 DELETE /v1/thaw/snapshots/{id}
 GET    /v1/thaw/snapshots/{id}/content  the .thaw bytes, streamed
 POST   /v1/thaw/snapshots/import        a .thaw file as the body -> snapshot
+POST   /v1/thaw/weights                 {"name", "path"}: register a weights file (see .weights)
+GET    /v1/thaw/weights                 the registered weights, the loaded one marked
+GET    /v1/models                       vLLM's list plus the registered weights
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,7 +24,7 @@ from .._errors import ConfigError, EngineError, ThawError
 from ..connector.params import ParamsError, is_snapshot_id
 from .guard import error_body, status_of
 
-__all__ = ["router"]
+__all__ = ["models_router", "router"]
 
 router = APIRouter(prefix="/v1/thaw", tags=["thaw"])
 
@@ -121,6 +125,51 @@ async def get_snapshot_content(snapshot_id: str, request: Request) -> Response:
     except (ThawError, ParamsError) as exc:
         return _error(exc, "snapshot_id")
     return FileResponse(path, media_type="application/octet-stream", filename=f"{snapshot_id}.thaw")
+
+
+class WeightsRequest(BaseModel):
+    """A weights file to serve under ``name`` (a path inside the server's weights folders)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=128)
+    path: str = Field(max_length=4096)
+
+
+def _no_weights() -> Response:
+    return _error(ConfigError("this server serves no named weights: start it with --weights NAME=FILE"))
+
+
+@router.post("/weights")
+async def register_weights(body: WeightsRequest, request: Request) -> Response:
+    weights = getattr(request.app.state, "thaw_weights", None)
+    if weights is None:
+        return _no_weights()
+    try:
+        return JSONResponse(await asyncio.to_thread(weights.register, body.name, body.path))
+    except ThawError as exc:
+        return _error(exc, "path")
+
+
+@router.get("/weights")
+async def list_weights(request: Request) -> Response:
+    weights = getattr(request.app.state, "thaw_weights", None)
+    if weights is None:
+        return _no_weights()
+    return JSONResponse({"object": "list", "data": weights.list(), "loaded": weights.loaded})
+
+
+models_router = APIRouter(tags=["thaw"])
+
+
+@models_router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    """vLLM's model list, plus the registered weights (``loaded`` marks the one in the engine)."""
+    listed = (await request.app.state.openai_serving_models.show_available_models()).model_dump()
+    weights = getattr(request.app.state, "thaw_weights", None)
+    if weights is not None:
+        listed["data"] = [*listed["data"], *weights.list()]
+    return JSONResponse(listed)
 
 
 @router.post("/snapshots/import")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -94,6 +95,11 @@ class SnapshotService:
             raise RuntimeError(f"thaw-agents serve: {reply['error']}")
         budget = os.environ.get(MAX_BUDGET_ENV)
         return cls(engine, reply, max_nbytes=int(budget) if budget else None)
+
+    def weights_changed(self, fingerprint: str) -> None:
+        """The engine's weights were swapped: snapshots must now match ``fingerprint``."""
+        self.spec = dataclasses.replace(self.spec, model_fingerprint=fingerprint)
+        self._describe = {**self._describe, "spec": self.spec.to_json()}
 
     # -- use tracking ----------------------------------------------------------------------
     def chain(self, snapshot_id: str) -> list[KVManifest]:

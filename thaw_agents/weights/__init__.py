@@ -17,6 +17,9 @@ Modules, each depending only on those above it:
 * ``_host``: :class:`HostWeights`, a file held in host memory for repeated restores.
 * ``_vllm``: ``load_format="thaw"`` (:func:`register`, run by vLLM's plugin hook) and
   :func:`freeze_model`.
+* ``_inplace``: a weights file into a loaded vLLM model (verified restore, then vLLM's
+  post-load processing again), run in the engine's workers.
+* ``_swap``: :func:`swap_weights` / :func:`aswap_weights`, a running engine's side of it.
 
 Example:
     >>> import torch
@@ -33,16 +36,20 @@ from __future__ import annotations
 
 from ._freeze import freeze_module, freeze_tensors, module_tensors
 from ._host import HostWeights
+from ._inplace import weights_fingerprint
 from ._manifest import TensorEntry, WeightsManifest, WeightsStats, check_targets, read_weights_manifest
 from ._restore import release_staging, restore_module, restore_tensors
+from ._swap import SwapResult, aswap_weights, swap_weights
 from ._vllm import LOAD_FORMAT, freeze_model, register
 
 __all__ = [
     "LOAD_FORMAT",
     "HostWeights",
+    "SwapResult",
     "TensorEntry",
     "WeightsManifest",
     "WeightsStats",
+    "aswap_weights",
     "check_targets",
     "freeze_model",
     "freeze_module",
@@ -53,4 +60,6 @@ __all__ = [
     "release_staging",
     "restore_module",
     "restore_tensors",
+    "swap_weights",
+    "weights_fingerprint",
 ]
