@@ -135,7 +135,12 @@ class ForkHandle:
         """
         front = front_for(engine)
         handle = self.for_engine(front)
-        run = front.run_prefix(list(handle.token_ids), handle.kv_transfer_params())
+        # The snapshot's whole blocks and one token more: vLLM computes at least one prompt token
+        # itself, so the connector loads every block and the engine computes just that token (the
+        # request costs one decode-sized step, not a prefill of the last block). That token's
+        # partial block is never cached, so which token it is does not matter.
+        tokens = [*handle.token_ids[: handle.num_snapshot_tokens], handle.token_ids[-1]]
+        run = front.run_prefix(tokens, handle.kv_transfer_params())
         _raise_refusal(run.report, handle.id)
         return run.num_cached_tokens
 
