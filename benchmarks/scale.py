@@ -110,7 +110,7 @@ def length_curve(llm: Any, lengths: list[int], repeats: int) -> list[dict[str, A
         }
         rows.append(row)
         print(
-            f"length {length}: with_fork {row['with_fork'] * 1e3:.0f} ms ({row['x cache hit']:.2f}x cache hit)",
+            f"length {length}: with_fork {row['with_fork'] * 1e3:.0f} ms, {row['x cache hit']:.2f}x hit",
             flush=True,
         )
     return rows
