@@ -10,6 +10,9 @@ For each concurrency N (default 8 and 64; 64 max tokens, temperatures 0.0 .. 0.7
   concurrent     N concurrent ``ChatThaw.ainvoke`` calls
   sequential     N ``ChatThaw.invoke`` calls one after another (N <= 8 only)
 
+Then ChatThaw's own Python work per call: one-token ``ainvoke`` calls one at a time against
+the same call straight to the engine, alternating (median difference, in ms).
+
 Both engines live side by side for the whole run (each engine core in its own process, as
 vLLM runs by default), and the modes alternate within every round, so machine load hits all
 of them alike. Reports output tokens per second, median over ``--repeats`` rounds after a
@@ -109,6 +112,40 @@ class Bench:
 
         return _runtime.runtime.run(run())
 
+    def call_overhead(self, calls: int) -> dict[str, float]:
+        """ChatThaw's own Python work per call: one-token calls one at a time, ``ainvoke`` vs the
+        raw engine (prompt rendered beforehand), alternating; the median difference."""
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        from thaw_agents.integrations import _runtime
+
+        prompt = _prompts(1)
+        (ids,) = self.rendered(1)
+
+        engine = _runtime.acquire(self.chat._engine_args()).result().engine
+        params = SamplingParams(max_tokens=1, temperature=0, output_kind=RequestOutputKind.FINAL_ONLY)
+
+        async def raw() -> None:
+            async for _ in engine.generate(
+                TokensPrompt(prompt_token_ids=ids), params, f"ovh-{time.time_ns()}"
+            ):
+                pass
+
+        chat, raw_s = [], []
+        for _ in range(calls):
+            start = time.perf_counter()
+            asyncio.run(self.chat.ainvoke(prompt[0], max_tokens=1, temperature=0))
+            chat.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            _runtime.runtime.run(raw())
+            raw_s.append(time.perf_counter() - start)
+        return {
+            "chatthaw_ms": statistics.median(chat) * 1e3,
+            "raw_engine_ms": statistics.median(raw_s) * 1e3,
+            "overhead_ms": statistics.median(a - b for a, b in zip(chat, raw_s, strict=True)) * 1e3,
+        }
+
     def rendered(self, n: int) -> list[list[int]]:
         from thaw_agents.integrations import _runtime
         from thaw_agents.integrations._request import prompt_token_ids
@@ -127,6 +164,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--model", default=None)
+    parser.add_argument(
+        "--overhead-calls", type=int, default=20, help="one-token calls timed for the overhead"
+    )
     parser.add_argument("--quick", action="store_true", help="3 rounds, concurrency 8 only")
     parser.add_argument("--out", type=Path, default=None, help="JSON output file")
     args = parser.parse_args()
@@ -159,6 +199,7 @@ def main() -> None:
                     tokens = mode(n)
                     runs.setdefault((n, name), []).append((time.perf_counter() - start, tokens))
             print(f"round {r + 1}/{args.repeats} done", flush=True)
+        overhead = bench.call_overhead(args.overhead_calls)
     finally:
         bench.close()
     rows, cases = [], []
@@ -189,12 +230,17 @@ def main() -> None:
                 f"concurrent {case['concurrency']}: {case['ratio_to_batched']:.3f}x "
                 f"(goal >= {case['goal']}: {met})"
             )
+    print(
+        f"per call (one token, one at a time): ChatThaw {overhead['chatthaw_ms']:.1f} ms, raw engine "
+        f"{overhead['raw_engine_ms']:.1f} ms, ChatThaw's own work {overhead['overhead_ms']:.2f} ms"
+    )
     path = write_results(
         "chat_batching",
         {
             "benchmark": "chat_batching",
             "parameters": vars(args) | {"out": None},
             "cases": cases,
+            "call_overhead": overhead,
             "notes": "tokens/s median over rounds; x batched = median over rounds of the ratio to the "
             "batched LLM.chat of the same round (both engines alive, modes alternating).",
         },
