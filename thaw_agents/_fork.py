@@ -127,11 +127,16 @@ class ForkHandle:
         Checks every file against the engine first (model, dtype, block size, KV layout):
         nothing reaches an engine that does not match. The prefix then sits in the engine's
         prefix cache, so any request starting with ``token_ids`` skips its prefill. The count
-        is honest: a block the engine found corrupt is recomputed and not counted.
+        is honest: a block the engine found corrupt is recomputed and not counted. Every
+        whole block is served, so a clean hydrate returns ``num_snapshot_tokens``.
 
         Raises:
             SnapshotMismatchError: the engine differs from the snapshot's.
             EngineError: the engine refused the snapshot (the message says why).
+
+        Example:
+            >>> handle.hydrate(llm) == handle.num_snapshot_tokens                # doctest: +SKIP
+            True
         """
         front = front_for(engine)
         handle = self.for_engine(front)
