@@ -154,6 +154,7 @@ def _plot(path: Path, lengths: list[dict[str, Any]], branches: list[dict[str, An
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import ScalarFormatter
     except ImportError:
         print("matplotlib is not installed (pip install 'thaw-agents[dev]'): no PNG")
         return None
@@ -194,6 +195,10 @@ def _plot(path: Path, lengths: list[dict[str, Any]], branches: list[dict[str, An
                 ax.plot([r["branches"] for r in pts], [r[key] for r in pts], marker="o", label=where)
         ax.set(xscale="log", yscale="log", xlabel="branches", ylabel=label)
         ax.legend()
+    for ax in axes.flat:  # doubling steps: base-2 axes with plain numbers
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return path
