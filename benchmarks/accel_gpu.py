@@ -535,6 +535,7 @@ def bench_freeze_sweep(directory: str, gib: float, reps: int) -> list[dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON output file")
     parser.add_argument("--out-dir", type=Path, default=None, help="where the JSON goes (default: results/)")
     parser.add_argument("--weights-gib", type=float, default=8.0)
     parser.add_argument("--dir", default="/var/tmp", help="a folder on the disk under test")
@@ -569,10 +570,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(["case", "ms", "GB/s", "limit (same run)", "limit GB/s", "of limit", "route"], table)
     info = machine()
-    payload = {"machine": info, "limits": limits, "results": rows, "params": vars(args) | {"out_dir": None}}
-    out = None
+    payload = {
+        "machine": info,
+        "limits": limits,
+        "results": rows,
+        "params": vars(args) | {"out_dir": None, "out": None},
+    }
+    out = args.out
     stem = "accel_gpu_freeze_sweep" if args.freeze_sweep else "accel_gpu"
-    if args.out_dir:
+    if out is None and args.out_dir:
         out = args.out_dir / f"{stem}-{machine_tag(info)}-{time.strftime('%Y-%m-%d')}.json"
     print("wrote", write_results(stem, payload, out))
     return 0

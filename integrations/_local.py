@@ -26,10 +26,13 @@ logger = logging.getLogger("thaw_agents.integrations.langchain")
 
 
 async def engine_chunks(
-    llm: ChatThaw, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
+    llm: ChatThaw, messages: list[BaseMessage], stop: list[str] | None, *, stream: bool = True, **kwargs: Any
 ) -> AsyncIterator[ChatGenerationChunk]:
     """One in-process call on ChatThaw's engine (run on the background loop): LangChain chunks,
-    text as it comes unless tools are bound, the last one with calls, usage and metadata."""
+    text as it comes unless tools are bound, the last one with calls, usage and metadata.
+
+    ``stream=False`` (``invoke``/``ainvoke``) asks vLLM for the final output only: no output,
+    delta or chunk per step, so a call costs the loop about as much as one in ``LLM.chat``."""
     handle = await llm._handle()
     chat, tools, tool_choice, structured, forced, single_call = chat_request(messages, kwargs)
     try:
@@ -65,17 +68,30 @@ async def engine_chunks(
     finish_reason: str | None = None
     timeout = kwargs.get("timeout", llm.timeout)
     request = Request(token_ids=prompt_ids, params=params)
-    stream = AsyncLLMFront(handle.engine).astream(request, timeout_s=float(timeout) if timeout else None)
-    # aclosing: a caller that stops reading aborts the request now, not when it is collected.
-    async with contextlib.aclosing(stream) as deltas:
-        async for delta in deltas:
-            cached = delta.num_cached_tokens
-            num_output += len(delta.token_ids)
-            finish_reason = delta.finish_reason or finish_reason
-            if delta.text:
-                text_parts.append(delta.text)
-                if not buffer_output:
-                    yield ChatGenerationChunk(message=AIMessageChunk(content=delta.text))
+    front = AsyncLLMFront(handle.engine)
+    timeout_s = float(timeout) if timeout else None
+    if not stream:
+        (result,) = await front.agenerate([request], timeout_s=timeout_s, stream=False)
+        (completion,) = result.completions
+        cached, num_output, finish_reason = (
+            result.num_cached_tokens,
+            len(completion.token_ids),
+            completion.finish_reason,
+        )
+        text_parts.append(completion.text)
+        if completion.text and not buffer_output:
+            yield ChatGenerationChunk(message=AIMessageChunk(content=completion.text))
+    else:
+        # aclosing: a caller that stops reading aborts the request now, not when it is collected.
+        async with contextlib.aclosing(front.astream(request, timeout_s=timeout_s)) as deltas:
+            async for delta in deltas:
+                cached = delta.num_cached_tokens
+                num_output += len(delta.token_ids)
+                finish_reason = delta.finish_reason or finish_reason
+                if delta.text:
+                    text_parts.append(delta.text)
+                    if not buffer_output:
+                        yield ChatGenerationChunk(message=AIMessageChunk(content=delta.text))
     metadata = {
         "model_name": llm.model_name,
         "finish_reason": finish_reason,

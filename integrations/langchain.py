@@ -337,13 +337,17 @@ class ChatThaw(BaseChatModel):
     def _default_sampling(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
 
-    # -- the one streaming code path ------------------------------------------------------
+    # -- the engine call: streamed chunks, or the final output only ---------------------
     async def _chunks(
         self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
     ) -> AsyncIterator[ChatGenerationChunk]:
         """Generate on the background loop; yields LangChain chunks, the last one marked."""
         async for chunk in engine_chunks(self, messages, stop, **kwargs):
             yield chunk
+
+    async def _final(self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any) -> ChatResult:
+        """One call for its final output only (on the background loop): ``invoke``/``ainvoke``."""
+        return aggregate([c async for c in engine_chunks(self, messages, stop, stream=False, **kwargs)])
 
     def _turn(
         self, remote: RemoteChat, messages: list[BaseMessage], stop: Any, kwargs: dict[str, Any]
@@ -394,6 +398,9 @@ class ChatThaw(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        # LangChain calls _generate only when nothing listens for tokens: the final output is enough.
+        if self.base_url is None:
+            return _runtime.runtime.run(self._final(messages, stop, **kwargs))
         return aggregate(self._stream(messages, stop, run_manager, **kwargs))
 
     async def _agenerate(
@@ -403,6 +410,8 @@ class ChatThaw(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if self.base_url is None:
+            return await _runtime.runtime.arun(self._final(messages, stop, **kwargs))
         chunks = [c async for c in self._astream(messages, stop, run_manager, **kwargs)]
         return aggregate(iter(chunks))
 

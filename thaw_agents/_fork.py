@@ -127,15 +127,25 @@ class ForkHandle:
         Checks every file against the engine first (model, dtype, block size, KV layout):
         nothing reaches an engine that does not match. The prefix then sits in the engine's
         prefix cache, so any request starting with ``token_ids`` skips its prefill. The count
-        is honest: a block the engine found corrupt is recomputed and not counted.
+        is honest: a block the engine found corrupt is recomputed and not counted. Every
+        whole block is served, so a clean hydrate returns ``num_snapshot_tokens``.
 
         Raises:
             SnapshotMismatchError: the engine differs from the snapshot's.
             EngineError: the engine refused the snapshot (the message says why).
+
+        Example:
+            >>> handle.hydrate(llm) == handle.num_snapshot_tokens                # doctest: +SKIP
+            True
         """
         front = front_for(engine)
         handle = self.for_engine(front)
-        run = front.run_prefix(list(handle.token_ids), handle.kv_transfer_params())
+        # The snapshot's whole blocks and one token more: vLLM computes at least one prompt token
+        # itself, so the connector loads every block and the engine computes just that token (the
+        # request costs one decode-sized step, not a prefill of the last block). That token's
+        # partial block is never cached, so which token it is does not matter.
+        tokens = [*handle.token_ids[: handle.num_snapshot_tokens], handle.token_ids[-1]]
+        run = front.run_prefix(tokens, handle.kv_transfer_params())
         _raise_refusal(run.report, handle.id)
         return run.num_cached_tokens
 

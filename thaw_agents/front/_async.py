@@ -128,13 +128,17 @@ class AsyncLLMFront(Front):
         request_id = f"thaw-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + float(timeout_s)
-        stream = engine.generate(
-            TokensPrompt(prompt_token_ids=list(request.token_ids)), engine_params(request, kind), request_id
-        )
+        params = engine_params(request, kind)
+        params.skip_clone = True  # a private copy already: AsyncLLM need not deep-copy it again
+        stream = engine.generate(TokensPrompt(prompt_token_ids=list(request.token_ids)), params, request_id)
         try:
+            if deadline is None:  # no task per output (wait_for makes one): this is the hot path
+                async for output in stream:
+                    yield output
+                return
             while True:
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
                     raise asyncio.TimeoutError
                 try:
                     output = await asyncio.wait_for(anext(stream), remaining)
