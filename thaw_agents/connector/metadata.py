@@ -34,7 +34,7 @@ class LoadJob:
     req_id: str
     snapshot_id: str  # the chain's leaf, for logs
     block_ids: tuple[int, ...]
-    sources: tuple[BlockSource, ...]
+    sources: tuple[tuple[BlockSource, ...], ...]  # per tensor-parallel rank, one per block
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,8 +67,9 @@ class ThawConnectorMetadata(KVConnectorMetadata):
 @dataclass
 class ThawWorkerMetadata(KVConnectorWorkerMetadata):
     """Save results since the worker's last step: ``(request id, result)``, where a result is
-    ``{"snapshot_id", "status": "written", "tokens", "nbytes", "ms"}`` or
-    ``{"snapshot_id", "status": "failed", "error": {"type", "message", ...}}``."""
+    ``{"snapshot_id", "rank", "status": "written", "tokens", "nbytes", "ms"}`` or
+    ``{"snapshot_id", "rank", "status": "failed", "error": {"type", "message", ...}}``. vLLM
+    aggregates every tensor-parallel rank's into one; the scheduler half waits for all ranks."""
 
     results: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
