@@ -15,9 +15,10 @@ writes its blocks at ``payload + (r * num_blocks + i) * block_nbytes``, flushes 
 publishes its checksums (written and renamed: never seen half-written). A rank that finds all
 ranks' checksums present after publishing its own takes the final lock; exactly one rank
 does (the last to publish always sees every file). It writes the header, flushes, renames the
-file to ``<id>.thaw`` and removes the side files. The engine pid is the parent of the worker
-processes: the store's stale-file sweep removes a dead engine's leftovers, and those of a
-save where a rank failed after an hour (see ``_store.clean_stale``).
+file to ``<id>.thaw`` and removes the side files. The engine pid is the engine-core process's
+(the scheduler half's, sent with the save job, the same for every rank): the store's
+stale-file sweep removes a dead engine's leftovers, and those of a save where a rank failed
+after an hour (see ``_store.clean_stale``).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def write_rank_share(
     ranks: int,
     block_nbytes: int,
     job: str,
+    owner_pid: int,
     fsync: bool,
 ) -> Container | None:
     """Write ``rank``'s ``blocks`` into the shared file of ``dest``; the last rank renames it.
@@ -99,6 +101,7 @@ def write_rank_share(
         blocks: this rank's share of each block, ``block_nbytes`` each.
         rank, ranks: this rank, and how many write the file.
         job: the same on every rank for one save, unique between saves.
+        owner_pid: the engine's process (names the temporary files; the same on every rank).
 
     Returns:
         The file's container when this rank finished it, else None.
@@ -111,7 +114,7 @@ def write_rank_share(
         raise ValueError(f"{len(names)} region names for rank {rank} of {ranks} with {num_blocks} blocks")
     store = dest.parent
     tag = blake3.blake3(f"{dest.name}|{job}".encode()).hexdigest()[:16]
-    base = f".thaw-{os.getppid()}-tp-{tag}"
+    base = f".thaw-{owner_pid}-tp-{tag}"
     data_path = store / f"{base}.partial"
     blob_nbytes = len(_header(meta, names, block_nbytes, [_PENDING] * len(names))[2])
     try:

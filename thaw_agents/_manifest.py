@@ -161,6 +161,7 @@ def write_kv_snapshot(
     fsync: bool | None = None,
     rank: int = 0,
     job: str = "",
+    engine_pid: int = 0,
 ) -> Container | None:
     """Write ``content``'s blocks to ``<store>/<snapshot id>.thaw``, atomically and owner-only.
 
@@ -177,6 +178,8 @@ def write_kv_snapshot(
         fsync: flush before the rename; default: yes, except under ``/dev/shm``.
         rank: this worker's tensor-parallel rank.
         job: the same on every rank for one save, unique between saves (the request id).
+        engine_pid: the engine's process, the same for every rank (0: this one's parent);
+            the shared file is named after it so the store removes a dead engine's leftovers.
 
     Returns:
         The container, or None for a rank whose share is written while others are not yet.
@@ -223,6 +226,7 @@ def write_kv_snapshot(
             ranks=spec.tensor_parallel_size,
             block_nbytes=spec.block_nbytes,
             job=job,
+            owner_pid=engine_pid or os.getppid(),
             fsync=fsync,
         )
     regions = [(f"block {content.first_block + i}", block) for i, block in enumerate(blocks)]

@@ -53,6 +53,9 @@ class SaveJob:
     token_ids: tuple[int, ...]
     parent_id: str | None
     parent_last_key: str
+    # The engine-core process (the scheduler half's): every tensor-parallel rank names the
+    # shared file it writes after it, whatever process tree the executor built.
+    engine_pid: int = 0
 
 
 @dataclass

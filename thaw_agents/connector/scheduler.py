@@ -19,6 +19,7 @@ the tokens recomputed, so ``num_cached_tokens`` only counts tokens actually load
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -388,6 +389,7 @@ class ThawScheduler:
                 token_ids=save.token_ids,
                 parent_id=save.parent_id,
                 parent_last_key=save.parent_last_key,
+                engine_pid=os.getpid(),
             )
         )
 

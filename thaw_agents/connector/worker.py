@@ -417,7 +417,9 @@ class ThawWorker:
             views = [[memoryview(staged[i].numpy())] for i in range(len(job.block_ids))]
         # Every rank of a tensor-parallel engine writes its share under the same job (the
         # request id, the same on every rank); the last one renames the file into place.
-        write_kv_snapshot(self.store, spec, content, views, rank=self.rank, job=job.req_id)
+        write_kv_snapshot(
+            self.store, spec, content, views, rank=self.rank, job=job.req_id, engine_pid=job.engine_pid
+        )
         logger.debug(
             "thaw: request %s: rank %d saved %d blocks (%d bytes) of %s in %.1f ms",
             job.req_id,
