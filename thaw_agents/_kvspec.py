@@ -2,8 +2,10 @@
 
 Two engines can exchange KV blocks only when every field of :class:`KVSpec` is equal:
 the model (by fingerprint, not by name), the KV dtype, block size, the per-layer block
-shapes, and the byte layout of a block (attention backend and, on CPU, the instruction
-set variant: AMX machines pack K differently from AVX-512 ones).
+shapes, the byte layout of a block (attention backend and, on CPU, the instruction
+set variant: AMX machines pack K differently from AVX-512 ones), and the tensor-parallel
+size with each rank's slice of the KV heads (a rank's block holds only its heads; ``layers``
+then describes one rank's block, the same on every rank).
 
 Blocks are keyed by our own chain, never by vLLM's block hashes (those are seeded per
 process on some versions and pickle-based by default)::
@@ -32,7 +34,7 @@ import numpy as np
 from ._errors import SnapshotFormatError
 from ._validate import dtype_itemsize, want_dict, want_int, want_list, want_shape, want_str
 
-__all__ = ["HASH_SCHEME", "KVSpec", "LayerSpec", "chain_keys", "model_fingerprint"]
+__all__ = ["HASH_SCHEME", "KVSpec", "LayerSpec", "chain_keys", "kv_head_slices", "model_fingerprint"]
 
 HASH_SCHEME = "thaw-chain-blake3-v1"
 _SAMPLE_NBYTES = 1 << 20
@@ -59,14 +61,23 @@ class KVSpec:
     dtype: str
     block_size: int
     layers: tuple[LayerSpec, ...] = field(default_factory=tuple)
+    # Tensor parallelism: ranks, and per rank the [start, stop) of the model's KV heads its
+    # cache holds (several ranks hold the same head when there are fewer heads than ranks).
+    # Absent from the JSON of a single-rank engine, so its files and ids are unchanged.
+    tensor_parallel_size: int = 1
+    kv_head_slices: tuple[tuple[int, int], ...] = ()
 
     @property
     def block_nbytes(self) -> int:
-        """Bytes of one block across every layer."""
+        """Bytes of one rank's share of a block across every layer (the whole block at TP=1)."""
         return sum(layer.block_nbytes for layer in self.layers)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        if self.tensor_parallel_size == 1:
+            del data["tensor_parallel_size"], data["kv_head_slices"]
+        else:
+            data["kv_head_slices"] = [list(s) for s in self.kv_head_slices]
         data["layers"] = [
             {
                 "name": lyr.name,
@@ -101,6 +112,10 @@ class KVSpec:
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 out.append((name, mine, theirs))
+        if self.tensor_parallel_size != other.tensor_parallel_size:
+            out.append(("tensor_parallel_size", self.tensor_parallel_size, other.tensor_parallel_size))
+        elif self.kv_head_slices != other.kv_head_slices:
+            out.append(("kv_head_slices", list(self.kv_head_slices), list(other.kv_head_slices)))
         mine_layers = [(lyr.block_shape, lyr.block_nbytes) for lyr in self.layers]
         their_layers = [(lyr.block_shape, lyr.block_nbytes) for lyr in other.layers]
         if mine_layers != their_layers:
@@ -123,11 +138,16 @@ class KVSpec:
             "platform": self.platform,
             "layers": [list(lyr.block_shape) for lyr in self.layers],
         }
+        if self.tensor_parallel_size > 1:  # single-rank ids stay what they were
+            material["tensor_parallel_size"] = self.tensor_parallel_size
+            material["kv_head_slices"] = [list(s) for s in self.kv_head_slices]
         return json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
 
 
 _MAX_LAYERS = 4096
 _MAX_BLOCK_SIZE = 1 << 16
+_MAX_RANKS = 1024
+_MAX_HEADS = 1 << 16
 
 
 def _spec_from_json(cls: type[KVSpec], data: Any) -> KVSpec:
@@ -168,6 +188,7 @@ def _spec_from_json(cls: type[KVSpec], data: Any) -> KVSpec:
                 name=want_str(raw["name"], f"{what}.name", None), block_shape=shape, block_nbytes=nbytes
             )
         )
+    tp_size, slices = _tensor_parallel_from_json(data)
     return cls(
         model_name=want_str(data["model_name"], "kv_spec.model_name", None),
         model_fingerprint=want_str(data["model_fingerprint"], "kv_spec.model_fingerprint", None),
@@ -177,6 +198,42 @@ def _spec_from_json(cls: type[KVSpec], data: Any) -> KVSpec:
         dtype=dtype,
         block_size=want_int(data["block_size"], "kv_spec.block_size", None, lo=1, hi=_MAX_BLOCK_SIZE),
         layers=tuple(layers),
+        tensor_parallel_size=tp_size,
+        kv_head_slices=slices,
+    )
+
+
+def _tensor_parallel_from_json(data: dict[str, Any]) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """``tensor_parallel_size`` (absent: 1) and one ``[start, stop)`` of KV heads per rank."""
+    if "tensor_parallel_size" not in data and "kv_head_slices" not in data:
+        return 1, ()
+    for key in ("tensor_parallel_size", "kv_head_slices"):
+        if key not in data:
+            raise SnapshotFormatError(f"kv_spec lacks the field {key!r}")
+    size = want_int(data["tensor_parallel_size"], "kv_spec.tensor_parallel_size", None, lo=2, hi=_MAX_RANKS)
+    raw = want_list(data["kv_head_slices"], "kv_spec.kv_head_slices", None)
+    if len(raw) != size:
+        raise SnapshotFormatError(f"kv_spec.kv_head_slices lists {len(raw)} ranks, not {size}")
+    slices = []
+    for rank, pair in enumerate(raw):
+        what = f"kv_spec.kv_head_slices[{rank}]"
+        pair = want_list(pair, what, None)
+        if len(pair) != 2:
+            raise SnapshotFormatError(f"{what} is not a [start, stop] pair")
+        start = want_int(pair[0], what, None, hi=_MAX_HEADS)
+        stop = want_int(pair[1], what, None, hi=_MAX_HEADS)
+        if stop <= start:
+            raise SnapshotFormatError(f"{what} is [{start}, {stop}], an empty slice")
+        slices.append((start, stop))
+    return size, tuple(slices)
+
+
+def kv_head_slices(num_kv_heads: int, tp_size: int) -> tuple[tuple[int, int], ...]:
+    """The KV heads each rank's cache holds, as vLLM shards them: ``num_kv_heads / tp_size``
+    heads per rank, or one head shared by ``tp_size / num_kv_heads`` ranks when fewer."""
+    per_rank = max(1, num_kv_heads // tp_size)
+    return tuple(
+        (start, start + per_rank) for start in (rank * num_kv_heads // tp_size for rank in range(tp_size))
     )
 
 

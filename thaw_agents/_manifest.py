@@ -11,6 +11,9 @@ these fields under ``"kv"`` (see ``docs/snapshot-format.md``)::
     snapshot      id, first_block, token_ids (of this file's blocks),
                   tail_token_ids (the partial block after them), keys (hex, one per block),
                   parent ({snapshot_id, num_blocks, last_key} or null)
+
+A tensor-parallel engine's snapshot is one file too: one region per rank and block, rank-major
+(``rank <r> block <i>``), written by every rank into one shared file (:mod:`._kv_ranks`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from ._container import Container, RegionData, read_container, write_container
 from ._errors import SnapshotFormatError, SnapshotMismatchError
+from ._kv_ranks import write_rank_share
 from ._kvspec import HASH_SCHEME, KVSpec, chain_keys
 from ._store import snapshot_path
 from ._validate import describe, want_dict, want_hex, want_id, want_int, want_list, want_str, want_tokens
@@ -52,6 +56,9 @@ _HINTS = {
     "set; take the snapshot on a matching engine",
     "platform": "snapshots do not cross CPU and GPU engines",
     "layers": "the engines' KV caches have different shapes (model or tensor parallel size)",
+    "tensor_parallel_size": "each rank's blocks hold only its KV heads: hydrate it into an engine "
+    "with the snapshot's tensor_parallel_size (snapshots are not resharded)",
+    "kv_head_slices": "the ranks hold other KV heads than the snapshot's: use the engine it was taken on",
     "vllm_version": "KV block layouts may change between vLLM releases; re-create the snapshot with "
     "this engine's vLLM",
 }
@@ -152,16 +159,30 @@ def write_kv_snapshot(
     blocks: Sequence[RegionData],
     *,
     fsync: bool | None = None,
-) -> Container:
+    rank: int = 0,
+    job: str = "",
+    engine_pid: int = 0,
+) -> Container | None:
     """Write ``content``'s blocks to ``<store>/<snapshot id>.thaw``, atomically and owner-only.
+
+    In a tensor-parallel engine (``spec.tensor_parallel_size > 1``) each rank calls this with
+    its own share of the blocks and the same ``job``; the file appears once every rank has
+    written its share (the last one writes the header and renames it into place).
 
     Args:
         store: the snapshot store folder.
         spec: the KV spec of the engine the blocks come from.
         content: from :func:`derive_snapshot` (the file is named and keyed by it).
         blocks: one block's bytes each (a buffer, or one buffer per layer written back to
-            back), ``content.num_blocks`` of them, ``spec.block_nbytes`` each.
+            back), ``content.num_blocks`` of them, ``spec.block_nbytes`` each (this rank's).
         fsync: flush before the rename; default: yes, except under ``/dev/shm``.
+        rank: this worker's tensor-parallel rank.
+        job: the same on every rank for one save, unique between saves (the request id).
+        engine_pid: the engine's process, the same for every rank (0: this one's parent);
+            the shared file is named after it so the store removes a dead engine's leftovers.
+
+    Returns:
+        The container, or None for a rank whose share is written while others are not yet.
 
     Raises:
         SnapshotWriteError: the file could not be written (a full disk, permissions).
@@ -188,9 +209,27 @@ def write_kv_snapshot(
             },
         },
     }
-    regions = [(f"block {content.first_block + i}", block) for i, block in enumerate(blocks)]
     if fsync is None:
         fsync = not str(dest).startswith("/dev/shm/")  # shared memory needs no fsync
+    if spec.tensor_parallel_size > 1:
+        names = [
+            f"rank {r} block {content.first_block + i}"
+            for r in range(spec.tensor_parallel_size)
+            for i in range(content.num_blocks)
+        ]
+        return write_rank_share(
+            dest,
+            meta,
+            names,
+            blocks,
+            rank=rank,
+            ranks=spec.tensor_parallel_size,
+            block_nbytes=spec.block_nbytes,
+            job=job,
+            owner_pid=engine_pid or os.getppid(),
+            fsync=fsync,
+        )
+    regions = [(f"block {content.first_block + i}", block) for i, block in enumerate(blocks)]
     return write_container(dest, "kv", meta, regions, fsync=fsync)
 
 
@@ -220,9 +259,10 @@ class KVManifest:
     def end_block(self) -> int:
         return self.first_block + self.num_blocks
 
-    def block_source(self, index: int) -> tuple[int, int, str]:
-        """(absolute file offset, nbytes, checksum) of this file's ``index``-th block."""
-        region = self.container.regions[index]
+    def block_source(self, index: int, rank: int = 0) -> tuple[int, int, str]:
+        """(absolute file offset, nbytes, checksum) of ``rank``'s share of this file's
+        ``index``-th block (the whole block at TP=1)."""
+        region = self.container.regions[rank * self.num_blocks + index]
         return self.container.payload_offset + region.offset, region.nbytes, region.checksum
 
 
@@ -291,9 +331,11 @@ def read_kv_manifest(
         )
     if len(tail) >= bs:
         raise SnapshotFormatError(f"tail of {len(tail)} tokens is not shorter than a block", path=where)
-    if len(container.regions) != len(keys):
+    ranks = spec.tensor_parallel_size
+    if len(container.regions) != len(keys) * ranks:
         raise SnapshotFormatError(
-            f"{len(container.regions)} payload regions for {len(keys)} blocks", path=where
+            f"{len(container.regions)} payload regions for {len(keys)} blocks of {ranks} ranks",
+            path=where,
         )
     for region in container.regions:
         if region.nbytes != spec.block_nbytes:

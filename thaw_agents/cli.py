@@ -126,10 +126,12 @@ def _cmd_freeze(args: argparse.Namespace) -> int:
         raise EngineError(
             f"could not freeze {model or 'the default model'}: {type(exc).__name__}: {first}"
         ) from exc
-    manifest = read_weights_manifest(path.replace("{rank}", "0"))
+    ranks = [read_weights_manifest(path.replace("{rank}", str(r))) for r in range(args.tensor_parallel_size)]
+    manifest = ranks[0]
+    per_rank = f" ({len(ranks)} tensor-parallel ranks, a file each)" if len(ranks) > 1 else ""
     summary = (
-        f"froze {len(manifest.tensors)} tensors, {manifest.nbytes:,} bytes of {manifest.model_name} "
-        f"to {path} in {time.perf_counter() - start:.1f} s"
+        f"froze {len(manifest.tensors)} tensors, {sum(m.nbytes for m in ranks):,} bytes of "
+        f"{manifest.model_name} to {path}{per_rank} in {time.perf_counter() - start:.1f} s"
     )
     print(_printable(summary))
     return 0

@@ -11,12 +11,22 @@ import sys
 from pathlib import Path
 
 
-def build_tiny_model(folder: Path, *, initializer_range: float = 0.5, seed: int = 0) -> Path:
+def build_tiny_model(
+    folder: Path,
+    *,
+    initializer_range: float = 0.5,
+    seed: int = 0,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int = 1,
+    dtype: str = "bfloat16",
+) -> Path:
     """Build (once) a seeded random tiny Llama in ``folder`` with the default model's tokenizer.
 
     ``initializer_range`` sets how much the output depends on the prompt: 0.5 (the default)
     makes different prompts give different tokens. Another ``seed`` gives a model of the same
-    shapes with other weights.
+    shapes with other weights. Head counts that divide by N make a model a tensor-parallel
+    engine of N ranks can shard (4 and 2 for TP=2); ``dtype`` is the checkpoint's (and so the
+    engine's default) dtype: float32 makes greedy output independent of the batch.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -32,8 +42,8 @@ def build_tiny_model(folder: Path, *, initializer_range: float = 0.5, seed: int 
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
         head_dim=32,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
@@ -41,7 +51,7 @@ def build_tiny_model(folder: Path, *, initializer_range: float = 0.5, seed: int 
         eos_token_id=2,
         initializer_range=initializer_range,
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (src / name).exists():

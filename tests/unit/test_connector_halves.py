@@ -119,12 +119,12 @@ def test_a_new_request_loads_its_snapshot_into_the_blocks_after_its_local_hit(sc
     meta = _schedule(scheduler, req, BS, [7, 8, 9, 10, 11])
     [job] = meta.loads
     assert job.block_ids == (8, 9, 10) and job.snapshot_id == sid
-    assert [src.checksum for src in job.sources] == [s.checksum for s in _sources(scheduler, "r1")[1:4]]
+    assert [src.checksum for src in job.sources[0]] == [s.checksum for s in _sources(scheduler, "r1")[1:4]]
     assert scheduler.build_connector_meta(_step()).loads == []  # emitted once
 
 
 def _sources(half: ThawScheduler, req_id: str):
-    return half._loads[req_id].sources
+    return half._loads[req_id].sources[0]  # rank 0's (the only rank here)
 
 
 def test_repeat_calls_touch_no_file(scheduler, tmp_path) -> None:

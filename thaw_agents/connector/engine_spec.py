@@ -5,6 +5,10 @@ The scheduler half knows the model, the block size and the platform from the con
 worker half also knows the cache tensors and the attention backend that was actually
 resolved. Detection fails closed: a layout that cannot be determined is an error, never a
 placeholder that could match another engine's placeholder.
+
+In a tensor-parallel engine every rank has its own worker half and cache (its slice of the KV
+heads); the spec is the same on every rank (``layers`` describes one rank's block) and records
+the rank count and each rank's head slice. Pipeline parallelism is refused (fail closed).
 """
 
 from __future__ import annotations
@@ -12,13 +16,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .._compat import attn_backend_name, kv_cache_layout
-from .._kvspec import KVSpec, LayerSpec, model_fingerprint
+from .._kvspec import KVSpec, LayerSpec, kv_head_slices, model_fingerprint
 
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
 
-__all__ = ["LayoutUnknownError", "engine_fingerprint", "kv_layout_name", "platform_name", "worker_spec"]
+__all__ = [
+    "LayoutUnknownError",
+    "engine_fingerprint",
+    "kv_layout_name",
+    "platform_name",
+    "tensor_parallel_rank",
+    "worker_spec",
+]
 
 
 class LayoutUnknownError(RuntimeError):
@@ -28,6 +39,16 @@ class LayoutUnknownError(RuntimeError):
 def engine_fingerprint(vllm_config: VllmConfig) -> str:
     model_config = vllm_config.model_config
     return model_fingerprint(model_config.model, model_config.hf_config.to_dict())
+
+
+def tensor_parallel_rank() -> int:
+    """This worker's rank in its tensor-parallel group (0 without distributed state)."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # no distributed state: a single-process engine
+        return 0
 
 
 def platform_name() -> str:
@@ -101,6 +122,12 @@ def worker_spec(
 
     cfg = vllm_config
     block_size = cfg.cache_config.block_size
+    parallel = cfg.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        raise LayoutUnknownError(
+            "pipeline-parallel engines are not supported (each stage holds other layers)"
+        )
+    tp_size = int(parallel.tensor_parallel_size)
     specs = []
     for name, tensor in zip(names, layers, strict=True):
         _check_block_contiguous(name, tensor, block_dim)
@@ -123,4 +150,8 @@ def worker_spec(
         dtype=str(dtype).removeprefix("torch."),
         block_size=block_size,
         layers=tuple(specs),
+        tensor_parallel_size=tp_size,
+        kv_head_slices=kv_head_slices(cfg.model_config.get_total_num_kv_heads(), tp_size)
+        if tp_size > 1
+        else (),
     )

@@ -34,7 +34,7 @@ class LoadJob:
     req_id: str
     snapshot_id: str  # the chain's leaf, for logs
     block_ids: tuple[int, ...]
-    sources: tuple[BlockSource, ...]
+    sources: tuple[tuple[BlockSource, ...], ...]  # per tensor-parallel rank, one per block
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,6 +53,9 @@ class SaveJob:
     token_ids: tuple[int, ...]
     parent_id: str | None
     parent_last_key: str
+    # The engine-core process (the scheduler half's): every tensor-parallel rank names the
+    # shared file it writes after it, whatever process tree the executor built.
+    engine_pid: int = 0
 
 
 @dataclass
@@ -70,8 +73,9 @@ class ThawConnectorMetadata(KVConnectorMetadata):
 @dataclass
 class ThawWorkerMetadata(KVConnectorWorkerMetadata):
     """Save results since the worker's last step: ``(request id, result)``, where a result is
-    ``{"snapshot_id", "status": "written", "tokens", "nbytes", "ms"}`` or
-    ``{"snapshot_id", "status": "failed", "error": {"type", "message", ...}}``."""
+    ``{"snapshot_id", "rank", "status": "written", "tokens", "nbytes", "ms"}`` or
+    ``{"snapshot_id", "rank", "status": "failed", "error": {"type", "message", ...}}``. vLLM
+    aggregates every tensor-parallel rank's into one; the scheduler half waits for all ranks."""
 
     results: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     model_fingerprint: str | None = None  # the worker's, when the scheduler asked for it

@@ -7,6 +7,10 @@ reading a byte), decides how many prompt tokens the chain supplies, and hands th
 plain jobs each step. It never raises into the scheduler: a request whose snapshot cannot be
 used prefills instead, with a warning, and says why in its output's ``kv_transfer_params``.
 
+In a tensor-parallel engine every rank's worker half loads and saves its own share of each
+block: a load job carries each rank's file offsets, and a save is done once every rank has
+reported (written if all wrote their share; the last one renamed the file into place).
+
 Served-token accounting is honest: when the worker reports blocks that failed (checksum,
 spec, I/O), vLLM recomputes them and this half lowers the request's cached-token count by
 the tokens recomputed, so ``num_cached_tokens`` only counts tokens actually loaded.
@@ -15,11 +19,13 @@ the tokens recomputed, so ``num_cached_tokens`` only counts tokens actually load
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._compat import uncount_external_tokens
 from .._errors import SnapshotMismatchError, ThawError
+from .._kv_ranks import combine_rank_results
 from .._kvspec import KVSpec
 from .._manifest import KVManifest
 from .config import ThawConnectorConfig
@@ -44,7 +50,7 @@ logger = logging.getLogger(__name__)
 class _Load:
     request: Request
     snapshot_id: str
-    sources: list[BlockSource] = field(default_factory=list)  # one per snapshot block, chain order
+    sources: list[list[BlockSource]] = field(default_factory=list)  # per rank: one per block, chain order
     matched_blocks: int = 0
     local_tokens: int = 0
     start_block: int = 0
@@ -76,6 +82,7 @@ class ThawScheduler:
     def __init__(self, vllm_config: VllmConfig, config: ThawConnectorConfig) -> None:
         self._vllm_config = vllm_config
         self.block_size = vllm_config.cache_config.block_size
+        self.tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
         self.store = config.store
         self._manifests = ManifestCache(self.store)
         self._fingerprint: str | None = None
@@ -90,6 +97,7 @@ class ThawScheduler:
         # request, the worker waits for those saves (``ThawConnectorMetadata.flush``).
         self._unwritten: dict[str, tuple[int, ...]] = {}
         self._read_blocks: dict[int, set[str]] = {}
+        self._rank_results: dict[str, dict[int, dict[str, Any]]] = {}  # req -> rank -> result
 
     # -- checks ------------------------------------------------------------------------
     def _check_engine(self, spec: KVSpec, path: str) -> None:
@@ -105,6 +113,7 @@ class ThawScheduler:
             self._fingerprint = engine_fingerprint(self._vllm_config)
         for name, engine_value, snapshot_value in (
             ("model_fingerprint", self._fingerprint, spec.model_fingerprint),
+            ("tensor_parallel_size", self.tp_size, spec.tensor_parallel_size),
             ("block_size", self.block_size, spec.block_size),
             ("platform", platform_name(), spec.platform),
         ):
@@ -157,19 +166,22 @@ class ThawScheduler:
 
     def _plan(self, request: Request, params: LoadParams) -> _Load:
         chain = self._manifests.chain(params.snapshot_id)
-        self._check_engine(chain[-1].spec, chain[-1].path)
+        for manifest in chain:  # each file's regions are laid out for its own rank count
+            self._check_engine(manifest.spec, manifest.path)
         prompt = list(request.prompt_token_ids or ())
         state = _Load(request=request, snapshot_id=params.snapshot_id)
+        state.sources = [[] for _ in range(self.tp_size)]
         bs = self.block_size
         still_matching = True
         for manifest in chain:
             for index in range(manifest.num_blocks):
-                offset, nbytes, checksum = manifest.block_source(index)
-                state.sources.append(
-                    BlockSource(
-                        snapshot_id=manifest.snapshot_id, offset=offset, nbytes=nbytes, checksum=checksum
+                for rank, sources in enumerate(state.sources):
+                    offset, nbytes, checksum = manifest.block_source(index, rank)
+                    sources.append(
+                        BlockSource(
+                            snapshot_id=manifest.snapshot_id, offset=offset, nbytes=nbytes, checksum=checksum
+                        )
                     )
-                )
                 if still_matching:
                     start = (manifest.first_block + index) * bs
                     block_tokens = manifest.token_ids[index * bs : (index + 1) * bs]
@@ -223,7 +235,15 @@ class ThawScheduler:
                 state.snapshot_id,
             )
 
-    def _take_result(self, req_id: str, result: dict[str, Any]) -> None:
+    def _take_result(self, req_id: str, rank_result: dict[str, Any]) -> None:
+        """One rank's result; the save's, once every rank has sent its own."""
+        by_rank = self._rank_results.setdefault(req_id, {})
+        by_rank[int(rank_result.get("rank", 0))] = rank_result
+        if len(by_rank) < self.tp_size:
+            return
+        del self._rank_results[req_id]
+        result = combine_rank_results(list(by_rank.values()))
+        assert result is not None
         for block in self._unwritten.pop(req_id, ()):
             readers = self._read_blocks.get(block)
             if readers is not None:
@@ -354,7 +374,10 @@ class ThawScheduler:
                 req_id=req_id,
                 snapshot_id=state.snapshot_id,
                 block_ids=targets,
-                sources=tuple(state.sources[state.start_block : state.start_block + len(targets)]),
+                sources=tuple(
+                    tuple(sources[state.start_block : state.start_block + len(targets)])
+                    for sources in state.sources
+                ),
             )
         )
         return state.start_block
@@ -384,6 +407,7 @@ class ThawScheduler:
                 token_ids=save.token_ids,
                 parent_id=save.parent_id,
                 parent_last_key=save.parent_last_key,
+                engine_pid=os.getpid(),
             )
         )
 

@@ -12,6 +12,11 @@ reported so vLLM recomputes it (and the scheduler half corrects the served-token
 save's result (written, or the error's type and message) goes to the scheduler half with the
 step's worker metadata and stays here, by snapshot id, for a front's ``thaw_save_result``,
 which turns a failure back into the typed error.
+
+In a tensor-parallel engine each rank has its own worker half (in its own process) and cache
+(its slice of the KV heads): it reads its own regions of each block and writes its own share
+of a snapshot into the one file every rank fills (:mod:`thaw_agents._kv_ranks`); its results
+carry its rank, and the scheduler half and ``thaw_save_result``'s caller combine the ranks'.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from .._kvspec import KVSpec
 from .._manifest import ParentRef, check_compatible, derive_snapshot, write_kv_snapshot
 from .._store import snapshot_path
 from .config import ThawConnectorConfig
-from .engine_spec import LayoutUnknownError, worker_spec
+from .engine_spec import LayoutUnknownError, tensor_parallel_rank, worker_spec
 from .manifests import ManifestCache
 from .metadata import LoadJob, SaveJob, ThawConnectorMetadata
 from .writer import SaveWriter, error_result
@@ -66,6 +71,7 @@ class ThawWorker:
     def __init__(self, vllm_config: VllmConfig, config: ThawConnectorConfig) -> None:
         self._config = vllm_config
         self.store = config.store
+        self.rank = 0  # in the tensor-parallel group, known once the cache is registered
         self._layers: list[torch.Tensor] = []
         self._layout = BlockLayout(block_dim=0)
         self.spec: KVSpec | None = None
@@ -96,6 +102,7 @@ class ThawWorker:
                 "process)."
             )
         cfg = self._config
+        self.rank = tensor_parallel_rank()
         names = list(kv_caches)
         self._layers = [kv_caches[n] for n in names]
         first = self._layers[0]
@@ -133,7 +140,7 @@ class ThawWorker:
         """``{"spec": ..., "store": ...}``, or ``{"error": ...}`` when thaw cannot run here."""
         if self.spec is None:
             return {"error": self._spec_error}
-        out: dict[str, Any] = {"spec": self.spec.to_json(), "store": str(self.store)}
+        out: dict[str, Any] = {"spec": self.spec.to_json(), "store": str(self.store), "rank": self.rank}
         if self._last_load is not None:
             out["last_load"] = dict(self._last_load)  # what the latest load cost (benchmarks)
         return out
@@ -161,7 +168,7 @@ class ThawWorker:
     def _check_files(self, job: LoadJob) -> None:
         """Every file the job reads is in the store and matches this engine's whole spec."""
         spec = self._require_spec()
-        for snapshot in dict.fromkeys(src.snapshot_id for src in job.sources):
+        for snapshot in dict.fromkeys(src.snapshot_id for src in job.sources[self.rank]):
             path = snapshot_path(self.store, snapshot)
             check_compatible(self._manifests.read(path, snapshot).spec, spec, path=str(path))
 
@@ -214,11 +221,12 @@ class ThawWorker:
 
     def _read_verified(self, job: LoadJob, views: list[list[memoryview]]) -> set[int]:
         """Read each block into its views (host rows); the engine block ids that failed."""
+        sources = job.sources[self.rank]
         return self._verify_by_file(
             job,
             lambda fd, indices: read_blocks_into(
                 fd,
-                [job.sources[i].offset for i in indices],
+                [sources[i].offset for i in indices],
                 [views[i] for i in indices],
                 hasher=blake3.blake3,
             ),
@@ -228,11 +236,12 @@ class ThawWorker:
         """Read, scatter and check every block on the GPU; the engine block ids that failed."""
         assert self._cuda_loader is not None
         loader = self._cuda_loader
+        sources = job.sources[self.rank]
         return self._verify_by_file(
             job,
             lambda fd, indices: loader.load(
                 fd,
-                [job.sources[i].offset for i in indices],
+                [sources[i].offset for i in indices],
                 row_nbytes,
                 self._layers,
                 [job.block_ids[i] for i in indices],
@@ -251,8 +260,9 @@ class ThawWorker:
         """One open per file of the chain, ``read(fd, source indices)`` -> (complete, digests);
         the engine block ids whose bytes were short or did not match their checksum."""
         bad: set[int] = set()
+        sources = job.sources[self.rank]  # this rank's regions of each block
         by_file: dict[str, list[int]] = defaultdict(list)
-        for i, src in enumerate(job.sources):
+        for i, src in enumerate(sources):
             if row_nbytes is not None and src.nbytes != row_nbytes:
                 bad.add(job.block_ids[i])  # another block size than this engine's: never read
             else:
@@ -264,7 +274,7 @@ class ThawWorker:
             finally:
                 os.close(fd)
             for i, ok, digest in zip(indices, complete, digests, strict=True):
-                if not ok or digest != job.sources[i].checksum:
+                if not ok or digest != sources[i].checksum:
                     bad.add(job.block_ids[i])
         return bad
 
@@ -338,6 +348,7 @@ class ThawWorker:
             for req_id, result in self._writer.take_done():
                 if not self._writer.busy(req_id):
                     self._in_place.discard(req_id)
+                result = {**result, "rank": self.rank}
                 self._new_results.append((req_id, result))
                 sid = self._job_ids.pop(req_id, None)
                 if sid is not None:
@@ -404,12 +415,17 @@ class ThawWorker:
             views = block_views(self._layers, job.block_ids, self._layout) or []
         else:
             views = [[memoryview(staged[i].numpy())] for i in range(len(job.block_ids))]
-        container = write_kv_snapshot(self.store, spec, content, views)
+        # Every rank of a tensor-parallel engine writes its share under the same job (the
+        # request id, the same on every rank); the last one renames the file into place.
+        write_kv_snapshot(
+            self.store, spec, content, views, rank=self.rank, job=job.req_id, engine_pid=job.engine_pid
+        )
         logger.debug(
-            "thaw: request %s: saved %d blocks (%d bytes) as %s in %.1f ms",
+            "thaw: request %s: rank %d saved %d blocks (%d bytes) of %s in %.1f ms",
             job.req_id,
+            self.rank,
             len(views),
-            container.payload_nbytes,
+            len(views) * spec.block_nbytes,
             sid,
             (time.perf_counter() - start) * 1e3,
         )

@@ -13,8 +13,10 @@ Both offer:
   completions, ``num_cached_tokens``, ``ttft_s``, the connector's ``report``;
   ``stream=False`` asks for final outputs only (cheaper, no first-token time).
 - ``run_prefix(token_ids, kv_transfer_params)``: the one-token request of fork and hydrate.
-- ``describe()`` / ``kv_spec()`` / ``store()``: the ``thaw_describe`` RPC (one worker only).
-- ``save_result(snapshot_id)``: the ``thaw_save_result`` RPC (None while the save is written).
+- ``describe()`` / ``kv_spec()`` / ``store()``: the ``thaw_describe`` RPC (every tensor-parallel
+  rank's reply, checked equal).
+- ``save_result(snapshot_id)``: the ``thaw_save_result`` RPC (every rank's result combined; None
+  while any rank's share is being written).
 - ``prefix_token_ids(prefix, tools)``: text, token ids or chat messages (rendered by
   :mod:`thaw_agents.chat`) as token ids; ``encode(text)``.
 - ``default_sampling_params()``, ``prefix_caching()``, ``lock()``.

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError, EngineError, RequestTimeoutError, ThawError
+from .._kv_ranks import combine_rank_results
 from .._kvspec import KVSpec
 
 if TYPE_CHECKING:
@@ -236,15 +237,29 @@ def engine_failure(exc: BaseException) -> ThawError | None:
 
 
 def describe_reply(replies: Sequence[Any]) -> dict[str, Any]:
-    """The one worker's ``thaw_describe`` reply; ConfigError for an engine not set up for thaw
-    or a tensor/pipeline parallel one."""
-    reply = replies[0] if replies else {"error": "the engine has no workers"}
-    if not isinstance(reply, dict) or "error" in reply:
-        error = reply.get("error") if isinstance(reply, dict) else reply
-        raise ConfigError(f"{error}; build the engine with thaw_agents.engine_kwargs()")
-    if len(replies) > 1:
-        raise ConfigError("tensor/pipeline parallel engines are not supported by fork yet")
-    return reply
+    """The engine's ``thaw_describe`` reply from its workers' (one per tensor-parallel rank);
+    ConfigError for an engine not set up for thaw, ranks that disagree, or a pipeline-parallel one.
+    """
+    if not replies:
+        raise ConfigError("the engine has no workers; build the engine with thaw_agents.engine_kwargs()")
+    for reply in replies:
+        if not isinstance(reply, dict) or "error" in reply:
+            error = reply.get("error") if isinstance(reply, dict) else reply
+            raise ConfigError(f"{error}; build the engine with thaw_agents.engine_kwargs()")
+    first = replies[0]
+    ranks = first["spec"].get("tensor_parallel_size", 1) if isinstance(first.get("spec"), dict) else 1
+    if len(replies) != ranks:
+        raise ConfigError(
+            f"the engine has {len(replies)} workers for {ranks} tensor-parallel ranks: "
+            "pipeline-parallel engines are not supported by fork"
+        )
+    for reply in replies[1:]:
+        if reply.get("spec") != first.get("spec") or reply.get("store") != first.get("store"):
+            raise ConfigError(
+                "the engine's tensor-parallel ranks describe different KV caches or snapshot stores; "
+                "give every rank the same THAW_AGENTS_STORE"
+            )
+    return first
 
 
 def is_messages(prefix: Any) -> bool:
@@ -361,10 +376,9 @@ class Front:
         return Path(self.describe()["store"])
 
     def save_result(self, snapshot_id: str) -> dict[str, Any] | None:
-        """The engine's result for a save of ``snapshot_id`` (``thaw_save_result``); None while it
-        is queued or being written."""
-        replies = self._rpc("thaw_save_result", (snapshot_id,))
-        return replies[0] if replies else None
+        """The engine's result for a save of ``snapshot_id`` (``thaw_save_result``, every rank's
+        combined); None while any rank's share is queued or being written."""
+        return combine_rank_results(self._rpc("thaw_save_result", (snapshot_id,)))
 
     def _rpc(self, method: str, args: tuple[Any, ...]) -> list[Any]:
         raise NotImplementedError

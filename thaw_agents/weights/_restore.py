@@ -77,6 +77,7 @@ def restore_tensors(
     *,
     expect_fingerprint: str | None = None,
     source: str = "auto",
+    before_write: Callable[[], None] | None = None,
 ) -> WeightsStats:
     """Restore a weights file into ``targets`` (CPU or CUDA tensors), all or nothing.
 
@@ -86,11 +87,13 @@ def restore_tensors(
     Args:
         source: ``auto``, ``direct`` (O_DIRECT reads), ``buffered`` (page cache) or ``mmap``
             (map the file; on CUDA page-locked with cudaHostRegister: the /dev/shm fast path).
+        before_write: called once every byte is verified, before the first target is written;
+            raising there leaves the targets untouched (tensor-parallel ranks agree there).
     """
     manifest = read_weights_manifest(path)
     items = targets.items() if isinstance(targets, Mapping) else targets
     pairs = check_targets(manifest, items, expect_fingerprint=expect_fingerprint)
-    return _restore_from_file(manifest, pairs, source=source)
+    return _restore_from_file(manifest, pairs, source=source, before_write=before_write)
 
 
 def restore_module(
@@ -113,6 +116,7 @@ def run_restore(
     verify: bool,
     route: str,
     landing_ok: bool = True,
+    before_write: Callable[[], None] | None = None,
 ) -> WeightsStats:
     """Move the payload from ``host`` (filled by ``feed``) into the targets, all or nothing."""
     import torch
@@ -159,6 +163,8 @@ def run_restore(
         thread.join()
         if verify:
             verifier.check(manifest.path)
+    if before_write is not None:
+        before_write()
     # Every byte is verified: now, and only now, the targets are written.
     main = torch.cuda.current_stream(device) if device is not None else None
     if landing is not None:
@@ -195,7 +201,13 @@ def chunk_feed(nbytes: int) -> Callable[[Callable[[int, int], None]], None]:
     return feed
 
 
-def _restore_from_file(manifest: WeightsManifest, pairs: Pairs, *, source: str = "auto") -> WeightsStats:
+def _restore_from_file(
+    manifest: WeightsManifest,
+    pairs: Pairs,
+    *,
+    source: str = "auto",
+    before_write: Callable[[], None] | None = None,
+) -> WeightsStats:
     """Restore validated ``pairs`` from ``manifest``'s file (see the module docstring)."""
     from ..accel import HostRegistration, probe_o_direct, read_into
 
@@ -206,6 +218,8 @@ def _restore_from_file(manifest: WeightsManifest, pairs: Pairs, *, source: str =
     offset = manifest.container.payload_offset
     cuda = any(t.is_cuda for _, t in pairs)
     if nbytes == 0:
+        if before_write is not None:
+            before_write()
         return WeightsStats(nbytes=0, num_tensors=len(pairs), seconds=0.0, route="empty")
     if source == "auto":
         if not cuda:
@@ -228,7 +242,15 @@ def _restore_from_file(manifest: WeightsManifest, pairs: Pairs, *, source: str =
                 registration = None
         if not cuda or registration is not None:
             try:
-                return run_restore(manifest, pairs, host, chunk_feed(nbytes), verify=True, route=route)
+                return run_restore(
+                    manifest,
+                    pairs,
+                    host,
+                    chunk_feed(nbytes),
+                    verify=True,
+                    route=route,
+                    before_write=before_write,
+                )
             finally:
                 if registration is not None:
                     registration.close()
@@ -238,7 +260,7 @@ def _restore_from_file(manifest: WeightsManifest, pairs: Pairs, *, source: str =
         close_mapping(region)
         source = "buffered"
     if source == "buffered" and cuda:
-        stats = _run_ring(manifest, pairs, path, offset, nbytes)
+        stats = _run_ring(manifest, pairs, path, offset, nbytes, before_write)
         if stats is not None:
             return stats
     host = _pinned_staging(round_up_page(nbytes), pinned=cuda)
@@ -256,12 +278,23 @@ def _restore_from_file(manifest: WeightsManifest, pairs: Pairs, *, source: str =
         )
 
     return run_restore(
-        manifest, pairs, host, feed, verify=True, route="o_direct" if source == "direct" else "buffered"
+        manifest,
+        pairs,
+        host,
+        feed,
+        verify=True,
+        route="o_direct" if source == "direct" else "buffered",
+        before_write=before_write,
     )
 
 
 def _run_ring(
-    manifest: WeightsManifest, pairs: Pairs, path: str, offset: int, nbytes: int
+    manifest: WeightsManifest,
+    pairs: Pairs,
+    path: str,
+    offset: int,
+    nbytes: int,
+    before_write: Callable[[], None] | None = None,
 ) -> WeightsStats | None:
     """The page-cache (or ``/dev/shm``) route on a GPU with room for a landing buffer: reader
     threads fill a ring of ``_RING_SLOTS`` pinned chunks, each chunk goes host-to-device into the
@@ -323,6 +356,8 @@ def _run_ring(
     finally:
         os.close(fd)
         side.synchronize()
+    if before_write is not None:
+        before_write()
     main = torch.cuda.current_stream(device)
     main.wait_stream(side)
     copy_segments([(landing[e.offset : e.offset + e.nbytes], t) for e, t in pairs])

@@ -16,6 +16,10 @@ would on freshly loaded ones. :func:`freeze_model` produces it by starting an en
 Extra config keys of the ``thaw`` load format:
 
 * ``snapshot``: the weights file to restore (``{rank}`` is replaced by the tensor-parallel rank).
+  In a tensor-parallel engine each rank restores its own file, and checks it completely (header,
+  names, shapes, every checksum) before any rank writes a parameter: the ranks vote over vLLM's
+  CPU group, and a rank whose file is missing or corrupt fails the load on every rank
+  (its own typed error there, :class:`~thaw_agents.SnapshotError` naming it on the others).
 * ``freeze_to``: load the checkpoint normally, then write the weights file here.
 * ``source``: how to read the file: ``auto`` (default), ``direct``, ``buffered``, ``mmap``.
 * ``check_fingerprint``: refuse a file frozen from another model (default true).
@@ -32,7 +36,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from .._errors import ConfigError
+from .._errors import ConfigError, SnapshotError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -62,6 +66,50 @@ def _rank_path(template: str) -> str:
             f"({template!r}) so every rank reads and writes its own file"
         )
     return template
+
+
+class _RankVote:
+    """All tensor-parallel ranks agree that every rank's file passed its checks before any
+    rank writes a parameter. Every rank votes exactly once (an all-gather over vLLM's CPU
+    group): yes once its file is verified, no when anything failed before that, so no rank
+    waits for a vote that never comes."""
+
+    def __init__(self) -> None:
+        self.rank, self.world, self.group = 0, 1, None
+        try:
+            from vllm.distributed import get_tp_group
+
+            group = get_tp_group()
+            self.rank, self.world, self.group = group.rank_in_group, group.world_size, group.cpu_group
+        except Exception:  # no distributed state (a bare model in a test): one rank
+            pass
+        self.voted = False
+
+    def _vote(self, ok: bool) -> list[int]:
+        """The ranks that voted no."""
+        self.voted = True
+        if self.world == 1:
+            return [] if ok else [self.rank]
+        import torch
+        import torch.distributed as dist
+
+        votes = [torch.zeros(1, dtype=torch.int32) for _ in range(self.world)]
+        dist.all_gather(votes, torch.tensor([int(ok)], dtype=torch.int32), group=self.group)
+        return [rank for rank, vote in enumerate(votes) if not int(vote.item())]
+
+    def verified(self) -> None:
+        """Called when this rank's file is verified: raise if another rank's was not."""
+        failed = self._vote(True)
+        if failed:
+            raise SnapshotError(
+                f"the weights file of tensor-parallel rank {', '.join(map(str, failed))} failed its "
+                f"checks (see that rank's error); rank {self.rank} wrote no parameter either"
+            )
+
+    def failed(self) -> None:
+        """Called when this rank failed before its vote: tell the others."""
+        if not self.voted:
+            self._vote(False)
 
 
 def _fingerprint(model_config: ModelConfig) -> str:
@@ -120,10 +168,16 @@ def _loader_class() -> type:
                 )
                 logger.info("thaw: froze the weights to %s (%.2f GB/s)", path, stats.gbps)
                 return
-            path = _rank_path(str(self.snapshot))
-            expect = _fingerprint(model_config) if self.check_fingerprint else None
+            vote = _RankVote()
             try:
-                stats = restore_module(model, path, expect_fingerprint=expect, source=self.source)
+                path = _rank_path(str(self.snapshot))
+                expect = _fingerprint(model_config) if self.check_fingerprint else None
+                stats = restore_module(
+                    model, path, expect_fingerprint=expect, source=self.source, before_write=vote.verified
+                )
+            except BaseException:
+                vote.failed()
+                raise
             finally:
                 release_staging()  # one restore per engine: do not keep the pinned buffer
             logger.info(
@@ -186,6 +240,12 @@ def freeze_model(
 
     register()
     path = os.path.abspath(os.fspath(output))
+    tp_size = int(engine_kwargs.get("tensor_parallel_size", 1) or 1)
+    if tp_size > 1 and "{rank}" not in path:
+        raise ConfigError(
+            f"tensor_parallel_size={tp_size}: every rank writes its own shard; put '{{rank}}' in the "
+            f"output path ({path!r}), e.g. model.rank{{rank}}.thaw"
+        )
     if not os.path.isdir(os.path.dirname(path)):
         raise ConfigError(f"the folder of {path} does not exist; create it first")
     kwargs: dict[str, Any] = {
