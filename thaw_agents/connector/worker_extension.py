@@ -62,8 +62,11 @@ class ThawWorkerExtension:
         }
 
 
-# HostWeights this worker keeps for repeated swaps when it runs apart from the caller: path -> copy.
+# HostWeights this worker keeps for repeated swaps when it runs apart from the caller, the most
+# recent first out: (path, hold) -> copy. Two: an A/B alternation stays in memory, and an RL
+# loop that writes a new file every step does not grow the worker without bound.
 _HOST_COPIES: dict[tuple[str, str], Any] = {}
+_MAX_HOST_COPIES = 2
 
 
 def _host_weights(path: str, hold: str, owner_pid: int, token: int) -> Any:
@@ -85,7 +88,11 @@ def _host_weights(path: str, hold: str, owner_pid: int, token: int) -> Any:
             copy = None
     if copy is None or (hold == "load" and _changed_on_disk(copy, weights_fingerprint)):
         copy = HostWeights.map(path) if hold == "map" else HostWeights.load(path)
-        _HOST_COPIES[key] = copy
+    _HOST_COPIES.pop(key, None)
+    _HOST_COPIES[key] = copy  # now the most recent
+    while len(_HOST_COPIES) > _MAX_HOST_COPIES:
+        oldest = next(iter(_HOST_COPIES))
+        _HOST_COPIES.pop(oldest).close()
     return copy
 
 
