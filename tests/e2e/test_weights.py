@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from thaw_agents import (
+    ConfigError,
     SnapshotChecksumError,
     SnapshotFormatError,
     SnapshotMismatchError,
@@ -184,15 +185,18 @@ def test_empty_and_plain_tensors(tmp_path: Path) -> None:
 _CHILD = r"""
 import json, sys
 from vllm import LLM, SamplingParams
+from thaw_agents._engine import WORKER_EXTENSION
 from thaw_agents.models import default_model
 
 key, path = sys.argv[1], sys.argv[2]  # freeze_to: a normal load that also writes the file
 llm = LLM(str(default_model()), enforce_eager=True, kv_cache_memory_bytes=1 << 30, max_model_len=1024,
-          seed=0, load_format="thaw", model_loader_extra_config={key: path})
+          seed=0, load_format="thaw", model_loader_extra_config={key: path},
+          worker_extension_cls=WORKER_EXTENSION)
 params = SamplingParams(temperature=0, max_tokens=16)
 prompts = ["The capital of France is", "def fibonacci(n):"]
 tokens = [list(llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts]
 print("TOKENS " + json.dumps(tokens))
+print("LOADED " + json.dumps(llm.collective_rpc("thaw_weights_loaded")[0]))
 """
 
 
@@ -208,15 +212,16 @@ def _start(key: str, path: Path, multiprocessing: bool) -> subprocess.Popen[str]
     )
 
 
-def _tokens(proc: subprocess.Popen[str]) -> list[list[int]]:
+def _tokens(proc: subprocess.Popen[str]) -> tuple[list[list[int]], dict]:
+    """The child's greedy tokens, and what its worker reports its thaw load moved."""
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
-    lines = [line for line in out.splitlines() if line.startswith("TOKENS ")]
-    assert proc.returncode == 0 and lines, err[-3000:]
-    return json.loads(lines[-1].removeprefix("TOKENS "))
+    lines = [line for line in out.splitlines() if line.startswith(("TOKENS ", "LOADED "))]
+    assert proc.returncode == 0 and len(lines) == 2, err[-3000:]
+    return json.loads(lines[0].removeprefix("TOKENS ")), json.loads(lines[1].removeprefix("LOADED "))
 
 
 @pytest.mark.e2e
@@ -224,11 +229,32 @@ def test_vllm_thaw_load_format_matches_a_normal_load(tmp_path_factory: pytest.Te
     """Normal load (vLLM's default loader; the thaw loader writes the file as a side effect)
     against restores from that file, with the in-process and the multiprocess engine core."""
     path = tmp_path_factory.mktemp("weights") / "smollm2.thaw"
-    normal = _tokens(_start("freeze_to", path, multiprocessing=False))
+    normal, frozen = _tokens(_start("freeze_to", path, multiprocessing=False))
     manifest = read_weights_manifest(path)
     assert manifest.nbytes > 200e6 and len(manifest.tensors) > 100
-    restored = [_start("snapshot", path, multiprocessing=mp) for mp in (False, True)]
-    assert [_tokens(p) for p in restored] == [normal, normal]
+    assert frozen["op"] == "freeze" and frozen["nbytes"] == manifest.nbytes
+    restored = [_tokens(_start("snapshot", path, multiprocessing=mp)) for mp in (False, True)]
+    assert [tokens for tokens, _ in restored] == [normal, normal]
+    for _, loaded in restored:
+        assert loaded["op"] == "restore" and loaded["path"] == str(path)
+        assert loaded["nbytes"] == manifest.nbytes and loaded["num_tensors"] == len(manifest.tensors)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"freeze_to": "/tmp/x.thaw", "load_format": "thaw"}, "not 'thaw'"),
+        ({"snapshot": "/tmp/x.thaw", "load_format": "dummy"}, "before freeze_to"),
+        ({"snapshot": "/tmp/x.thaw", "freeze": 1}, "unknown model_loader_extra_config keys"),
+    ],
+)
+def test_thaw_load_format_refuses_contradictory_config(extra: dict, message: str) -> None:
+    from vllm.config.load import LoadConfig
+
+    from thaw_agents.weights._vllm import _loader_class
+
+    with pytest.raises(ConfigError, match=message):
+        _loader_class()(LoadConfig(load_format="thaw", model_loader_extra_config=extra))
 
 
 def test_freeze_cli_arguments(monkeypatch, tmp_path: Path, capsys) -> None:

@@ -26,6 +26,13 @@ class ThawWorkerExtension:
         worker = _thaw_worker()
         return worker if isinstance(worker, dict) else worker.save_result(snapshot_id)
 
+    def thaw_weights_loaded(self) -> dict[str, Any] | None:
+        """What this worker's ``load_format="thaw"`` load moved (restore or freeze): ``{"op",
+        "path", "nbytes", "num_tensors", "seconds", "gbps", "route"}``; None without one."""
+        from ..weights._vllm import last_load
+
+        return last_load()
+
     def thaw_swap_weights(self, path: str, hold: str, owner_pid: int, token: int) -> dict[str, Any]:
         """Swap this worker's model weights for a weights file's, all or nothing, and make the
         new weights' fingerprint this worker's KV spec's. ``hold``: ``file`` (read ``path``),

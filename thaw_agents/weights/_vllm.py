@@ -21,8 +21,13 @@ Extra config keys of the ``thaw`` load format:
   CPU group, and a rank whose file is missing or corrupt fails the load on every rank
   (its own typed error there, :class:`~thaw_agents.SnapshotError` naming it on the others).
 * ``freeze_to``: load the checkpoint normally, then write the weights file here.
+* ``load_format``: with ``freeze_to``, the vLLM load format that fills the model before it is
+  frozen (default ``auto``; ``dummy`` freezes random weights of any config, for benchmarks).
 * ``source``: how to read the file: ``auto`` (default), ``direct``, ``buffered``, ``mmap``.
 * ``check_fingerprint``: refuse a file frozen from another model (default true).
+
+Each worker keeps what its load moved (:func:`last_load`; ``llm.collective_rpc("thaw_weights_loaded")``
+returns it per rank): file, bytes, seconds, GB/s and route.
 
 Example:
     >>> from vllm import LLM                                   # doctest: +SKIP
@@ -42,13 +47,33 @@ if TYPE_CHECKING:
     from torch import nn
     from vllm.config import ModelConfig
 
-__all__ = ["LOAD_FORMAT", "freeze_model", "register"]
+__all__ = ["LOAD_FORMAT", "freeze_model", "last_load", "register"]
 
 logger = logging.getLogger(__name__)
 
 LOAD_FORMAT = "thaw"
-_KEYS = {"snapshot", "freeze_to", "source", "check_fingerprint"}
+_KEYS = {"snapshot", "freeze_to", "load_format", "source", "check_fingerprint"}
 _registered = False
+_last_load: dict[str, Any] | None = None
+
+
+def last_load() -> dict[str, Any] | None:
+    """What this process's latest ``thaw`` load (restore or freeze) moved, or None:
+    ``{"op", "path", "nbytes", "num_tensors", "seconds", "gbps", "route"}``."""
+    return None if _last_load is None else dict(_last_load)
+
+
+def _record(op: str, path: str, stats: Any) -> None:
+    global _last_load
+    _last_load = {
+        "op": op,
+        "path": path,
+        "nbytes": stats.nbytes,
+        "num_tensors": stats.num_tensors,
+        "seconds": stats.seconds,
+        "gbps": stats.gbps,
+        "route": stats.route,
+    }
 
 
 def _rank_path(template: str) -> str:
@@ -120,8 +145,8 @@ def _fingerprint(model_config: ModelConfig) -> str:
 
 def _loader_class() -> type:
     from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
     class ThawModelLoader(BaseModelLoader):
         """Restores (``snapshot``) or freezes (``freeze_to``) a model's weights as a ``.thaw`` file."""
@@ -144,8 +169,14 @@ def _loader_class() -> type:
             self.freeze_to = os.path.expanduser(str(freeze_to)) if freeze_to else None
             self.source = str(extra.get("source", "auto"))
             self.check_fingerprint = bool(extra.get("check_fingerprint", True))
-            self._default = DefaultModelLoader(
-                LoadConfig(load_format="auto", download_dir=load_config.download_dir)
+            base = str(extra.get("load_format", "auto"))
+            if base == LOAD_FORMAT or (base != "auto" and not freeze_to):
+                raise ConfigError(
+                    f"model_loader_extra_config['load_format']={base!r}: it names the format that fills "
+                    "the model before freeze_to writes it (auto, dummy, safetensors...), not 'thaw'"
+                )
+            self._default = get_model_loader(
+                LoadConfig(load_format=base, download_dir=load_config.download_dir)
             )
 
         def download_model(self, model_config: ModelConfig) -> None:
@@ -166,6 +197,7 @@ def _loader_class() -> type:
                     model_fingerprint=_fingerprint(model_config),
                     extra={"vllm_version": _vllm_version(), "dtype": str(model_config.dtype)},
                 )
+                _record("freeze", path, stats)
                 logger.info("thaw: froze the weights to %s (%.2f GB/s)", path, stats.gbps)
                 return
             vote = _RankVote()
@@ -180,6 +212,7 @@ def _loader_class() -> type:
                 raise
             finally:
                 release_staging()  # one restore per engine: do not keep the pinned buffer
+            _record("restore", path, stats)
             logger.info(
                 "thaw: restored %d tensors (%.2f GB) from %s in %.3f s (%.2f GB/s, %s)",
                 stats.num_tensors,
