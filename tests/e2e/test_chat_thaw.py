@@ -52,6 +52,17 @@ def test_stream_yields_real_token_chunks(chat: ChatThaw) -> None:
     assert full.content == "".join(c.content for c in chunks)
 
 
+def test_invoke_answers_what_stream_streams(chat: ChatThaw) -> None:
+    """invoke asks vLLM for the final output only; stream reads every step: the same answer."""
+    prompt, kw = "Count from one to five in words.", {"max_tokens": 16, "temperature": 0}
+    chat.invoke(prompt, **kw)  # both calls below then find the same prompt blocks cached
+    streamed = list(chat.stream(prompt, **kw))
+    invoked = chat.invoke(prompt, **kw)
+    assert invoked.content == "".join(c.content for c in streamed) and invoked.content
+    assert invoked.usage_metadata == streamed[-1].usage_metadata
+    assert invoked.response_metadata["finish_reason"] == streamed[-1].response_metadata["finish_reason"]
+
+
 async def test_concurrent_calls_keep_their_own_parameters(chat: ChatThaw) -> None:
     lengths = [3, 5, 7, 9, 11, 13, 15, 17]
     results = await asyncio.gather(
