@@ -3,6 +3,7 @@
 # the machine stays warm: finished steps leave a mark in /tmp/thaw-run and are skipped next time.
 #
 #   bash tests/gpu/device_run.sh [BUDGET_S]
+#   THAW_RUN_FIRST="test_tp" THAW_RUN_ONLY=1 bash tests/gpu/device_run.sh   # chosen steps only
 #
 # Needs, in the working tree: .stage/p3 (the vLLM 0.24.0 payload's last part; p1 and p2 parked in
 # ~/stage by earlier calls, see ../shared/gpu-vllm/install.sh), .gpu/model8b (the 8B-shaped config
@@ -16,6 +17,8 @@ STATE=/tmp/thaw-run
 OUTDIR=${OUT:-/tmp/thaw-out}
 mkdir -p "$STATE/logs" "$STATE/results" "$OUTDIR"
 export PYTHONPATH=/tmp/thaw-site:/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+# NVLink multicast can take a shared host's GPUs out of service: off (the machine's notes).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false VLLM_ENABLE_V1_MULTIPROCESSING=0
 # The checkout's thaw_agents/ (without accel/ and integrations/) must not shadow the installed copy
 # in processes vLLM starts with `python -m` from this folder.
@@ -83,22 +86,23 @@ export -f install smoke
 step install bash -c install || exit 1
 [ -e "$STATE/done.install" ] || exit 1
 step smoke bash -c smoke
-step kvio "${PYTEST[@]}" tests/gpu/test_gpu_kvio.py tests/gpu/test_gpu_weights.py tests/unit/test_accel_gpu.py \
-  tests/unit/test_blake3_kernel.py
-step kvio_sweep python3 benchmarks/gpu_kvio.py --out "$STATE/results/gpu_kvio-nvidia-h200.json" \
-  --env-out "$STATE/kv-env.sh"
-# shellcheck disable=SC1091
-[ -e "$STATE/kv-env.sh" ] && source "$STATE/kv-env.sh" && cat "$STATE/kv-env.sh"
 if [ -n "${THAW_RUN_FIRST:-}" ]; then  # what to run first in a follow-up session
   for s in $THAW_RUN_FIRST; do
     case $s in
       test_weights) step test_weights "${PYTEST[@]}" "tests/gpu/test_gpu_engine.py::test_weights_freeze_and_thaw_restore" ;;
       bench_weights) step bench_weights "${BENCH[@]}" --eager --phases weights --weights-dir /var/tmp/thaw-bench-w8b --keep-weights ;;
       bench_hydrate) step bench_hydrate "${BENCH[@]}" --load-format dummy --phases hydrate rounds ;;
+      test_tp) step test_tp env THAW_GPU_RESULTS="$STATE/results" "${PYTEST[@]}" tests/gpu/test_gpu_tensor_parallel.py ;;
     esac
   done
   [ -n "${THAW_RUN_ONLY:-}" ] && { echo "== finished $(date +%T), $(($(date +%s) - T0))s"; exit 0; }
 fi
+step kvio "${PYTEST[@]}" tests/gpu/test_gpu_kvio.py tests/gpu/test_gpu_weights.py tests/unit/test_accel_gpu.py \
+  tests/unit/test_blake3_kernel.py
+step kvio_sweep python3 benchmarks/gpu_kvio.py --out "$STATE/results/gpu_kvio-nvidia-h200.json" \
+  --env-out "$STATE/kv-env.sh"
+# shellcheck disable=SC1091
+[ -e "$STATE/kv-env.sh" ] && source "$STATE/kv-env.sh" && cat "$STATE/kv-env.sh"
 step test_hydrate "${PYTEST[@]}" "tests/gpu/test_gpu_engine.py::test_fork_hydrate_and_branches"
 step bench_hydrate "${BENCH[@]}" --load-format dummy --phases hydrate rounds
 step test_chat "${PYTEST[@]}" "tests/gpu/test_gpu_engine.py::test_chat_thaw_concurrent"
