@@ -14,10 +14,10 @@ Each role runs in its own process (a fresh engine, as a user's second process wo
                   snapshot is refused (SnapshotMismatchError, field ``tensor_parallel_size``).
   single-restore  TP=1 from that file: one GPU's restore of the whole model, for comparison.
 
-Prints a table and writes ``gpu_tp[-TAG].json`` under ``--out-dir``. NVLink multicast stays off
+Prints a table and writes JSON (``--out``). NVLink multicast stays off
 (NCCL_NVLS_ENABLE=0 and friends are set here for every process the script starts).
 
-Run: python benchmarks/gpu_tp.py --model DIR --out-dir OUT [--tp 2] [--trunk-tokens 4000]
+Run: python benchmarks/gpu_tp.py --model DIR --out FILE [--tp 2] [--trunk-tokens 4000]
 """
 
 from __future__ import annotations
@@ -220,8 +220,9 @@ def main() -> None:
     parser.add_argument("--gpu-mem", type=float, default=0.45)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--weights-dir", default="/dev/shm/thaw-tp-weights")
-    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--tag", default="")
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/gpu_tp.json"), help="JSON output file"
+    )
     parser.add_argument("--role-timeout", type=float, default=600)
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     parser.add_argument("--io", type=Path, help=argparse.SUPPRESS)
@@ -277,11 +278,9 @@ def main() -> None:
         "restore_s_one_gpu": one.get("seconds"),
         **{k: {kk: vv for kk, vv in v.items() if kk not in ("trunk", "suffix")} for k, v in results.items()},
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"-{args.tag}" if args.tag else ""
-    path = args.out_dir / f"gpu_tp{tag}.json"
-    path.write_text(json.dumps(summary, indent=1, default=str))
-    print(path)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1, default=str))
+    print(args.out)
 
 
 if __name__ == "__main__":

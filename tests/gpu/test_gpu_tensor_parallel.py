@@ -40,10 +40,11 @@ def test_tp2_fork_hydrate_and_weights_per_rank(tmp_path: Path) -> None:
     if not model:
         pytest.skip("THAW_GPU_MODEL names the model folder")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_tp.py"), "--model", model, "--eager"]
-    cmd += ["--out-dir", str(out_dir), "--tag", "nvidia-h200-x2", "--trunk-tokens", "4000"]
+    out = out_dir / "gpu_tp-nvidia-h200-x2.json"
+    cmd += ["--out", str(out), "--trunk-tokens", "4000"]
     cmd += ["--weights-dir", str(Path("/dev/shm") / f"thaw-tp-test-{os.getpid()}")]
     subprocess.run(cmd, check=True, timeout=1800)
-    data = json.loads((out_dir / "gpu_tp-nvidia-h200-x2.json").read_text())
+    data = json.loads(out.read_text())
 
     parent = data["parent"]
     assert parent["tensor_parallel_size"] == 2 and len(parent["kv_head_slices"]) == 2
