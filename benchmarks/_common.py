@@ -16,6 +16,20 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+_WORDS = ("inventory", "shipment", "invoice", "warehouse", "customer", "order", "delay", "refund")
+
+
+def trunk_tokens(tokenizer: Any, length: int, salt: int | None = None) -> list[int]:
+    """``length`` token ids of a synthetic order log, the trunk every benchmark forks; another
+    ``salt`` gives another log of the same length (a trunk no cache holds yet)."""
+    shift = salt or 0
+    lines = " ".join(f"Item {i}: {_WORDS[(i + shift) % 8]} {(i * 7 + shift) % 1000}." for i in range(length))
+    ids = tokenizer.encode(lines if salt is None else f"Log {salt}. {lines}")
+    if len(ids) < length:
+        raise ValueError(f"the synthetic trunk is {len(ids)} tokens, shorter than {length}")
+    return ids[:length]
+
+
 def machine() -> dict[str, Any]:
     """CPU, cores, memory, GPU, driver, CUDA, torch and vLLM versions of this machine."""
     info: dict[str, Any] = {"hostname_kind": platform.machine(), "python": platform.python_version()}

@@ -33,17 +33,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results
+from _common import print_table, trunk_tokens, write_results
 
 SUFFIX = " Question: which item above matters most, and why?"
-
-
-def _prefix_tokens(tokenizer, length: int) -> list[int]:
-    words = ("inventory", "shipment", "invoice", "warehouse", "customer", "order", "delay", "refund")
-    text = " ".join(f"Item {i}: {words[i % len(words)]} {i * 7 % 1000}." for i in range(length))
-    ids = tokenizer.encode(text)
-    assert len(ids) >= length, "the generated text is too short"
-    return ids[:length]
 
 
 def _parent(args: argparse.Namespace, scratch: Path) -> dict:
@@ -53,7 +45,7 @@ def _parent(args: argparse.Namespace, scratch: Path) -> dict:
     tok = llm.get_tokenizer()
     out = {}
     for length in args.lengths:
-        ids = _prefix_tokens(tok, length)
+        ids = trunk_tokens(tok, length)
         start = time.perf_counter()
         handle = thaw_agents.fork(llm, ids)
         fork_s = time.perf_counter() - start

@@ -37,16 +37,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results
+from _common import trunk_tokens, write_results
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MODES = ("background", "in-step")
-
-
-def _trunk_tokens(tokenizer: Any, length: int) -> list[int]:
-    words = ("inventory", "shipment", "invoice", "warehouse", "customer", "order", "delay", "refund")
-    text = " ".join(f"Item {i}: {words[i % len(words)]} {i * 7 % 1000}." for i in range(length))
-    return tokenizer.encode(text)[:length]
 
 
 async def _one_token(front: Any, tokens: list[int], transfer: dict[str, Any] | None) -> dict | None:
@@ -133,7 +127,7 @@ async def run(args: argparse.Namespace, save_in_step: bool) -> dict[str, Any]:
     try:
         spec = KVSpec.from_json((await front.adescribe())["spec"])
         tok = engine.tokenizer
-        trunk = _trunk_tokens(tok, args.trunk)
+        trunk = trunk_tokens(tok, args.trunk)
         prompt = tok.encode("Count slowly from one to a thousand: one, two, three,")
         await _fork(front, spec, trunk)  # the trunk in the prefix cache, the code paths warm
 

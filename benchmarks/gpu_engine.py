@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table
+from _common import machine, print_table, trunk_tokens
 
 SUFFIX = " Question: which item above matters most, and why?"
 QUESTIONS = (
@@ -99,16 +99,6 @@ def ttft(llm: Any, ids: list[int], params: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def prefix_tokens(tokenizer: Any, length: int, salt: int = 0) -> list[int]:
-    words = ("inventory", "shipment", "invoice", "warehouse", "customer", "order", "delay", "refund")
-    text = f"Log {salt}. " + " ".join(
-        f"Item {i}: {words[(i + salt) % len(words)]} {(i * 7 + salt) % 1000}." for i in range(length)
-    )
-    ids = tokenizer.encode(text)
-    assert len(ids) >= length, "the generated text is too short"
-    return ids[:length]
-
-
 def suffix_tokens(tokenizer: Any, block_size: int) -> list[int]:
     ids = tokenizer.encode(SUFFIX, add_special_tokens=False)
     return ids[: max(1, block_size - 1)]  # no extra full block: the count served stays exact
@@ -155,7 +145,7 @@ def role_parent(args: argparse.Namespace, io: Path) -> dict:
     ttft(llm, list(range(1000, 1100)), one_token())  # first request pays one-time costs
     cases = {}
     for length in args.lengths:
-        ids = prefix_tokens(tok, length, salt=length)
+        ids = trunk_tokens(tok, length, salt=length)
         suffix = suffix_tokens(tok, block)
         prompt = ids + suffix
         cold, _ = ttft(llm, prompt, one_token())  # a new prompt on a warm engine: full prefill
@@ -318,7 +308,7 @@ def fork_rounds(llm: Any, args: argparse.Namespace) -> dict:
     for mode, offset in (("fork_completions", 100), ("fork+snapshot", 200)):
         rounds = []
         for r in range(args.rounds + 1):  # round 0 warms up and is dropped
-            trunk = prefix_tokens(tok, args.trunk_tokens, salt=offset + r)
+            trunk = trunk_tokens(tok, args.trunk_tokens, salt=offset + r)
             prompts = [trunk + tok.encode(q, add_special_tokens=False) for q in QUESTIONS[: args.branches]]
             start = time.perf_counter()
             if mode == "fork_completions":

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table
-from gpu_engine import greedy, one_token, prefix_tokens, shutdown, suffix_tokens, ttft
+from _common import machine, print_table, trunk_tokens
+from gpu_engine import greedy, one_token, shutdown, suffix_tokens, ttft
 
 HERE = Path(__file__).resolve()
 PLAIN = "Write three short sentences about a lighthouse keeper and the sea."
@@ -81,7 +81,7 @@ def role_parent(args: argparse.Namespace, job: dict) -> dict:
     try:
         tok = llm.get_tokenizer()
         block = llm.llm_engine.vllm_config.cache_config.block_size
-        trunk = prefix_tokens(tok, args.trunk_tokens)
+        trunk = trunk_tokens(tok, args.trunk_tokens, salt=0)
         suffix = suffix_tokens(tok, block)
         _, plain = ttft(llm, _plain_ids(llm), greedy())
         start = time.perf_counter()

@@ -33,19 +33,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results
+from _common import print_table, trunk_tokens, write_results
 
 QUESTION = " Question: which item above matters most, and why? Answer {n}:"
-
-
-def _trunk(tokenizer: Any, length: int, salt: int) -> list[int]:
-    words = ("inventory", "shipment", "invoice", "warehouse", "customer", "order", "delay", "refund")
-    text = f"Log {salt}. " + " ".join(
-        f"Item {i}: {words[(i + salt) % 8]} {(i * 7 + salt) % 1000}." for i in range(length)
-    )
-    ids = tokenizer.encode(text)
-    assert len(ids) >= length, "the generated text is too short"
-    return ids[:length]
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -78,7 +68,7 @@ def length_curve(llm: Any, lengths: list[int], repeats: int) -> list[dict[str, A
     for length in lengths:
         runs: dict[str, list[float]] = {}
         for r in range(repeats):
-            trunk = _trunk(tok, length, r)
+            trunk = trunk_tokens(tok, length, salt=r)
             q = [tok.encode(QUESTION.format(n=i), add_special_tokens=False) for i in range(3)]
             llm.reset_prefix_cache()
             runs.setdefault("re-prefill", []).append(ttft(trunk + q[0])[0])
@@ -132,7 +122,7 @@ def branch_curve(llm: Any, pool: Any, counts: list[int], args: argparse.Namespac
             rounds, ttfts = [], []
             for r in range(args.repeats + 1):  # round 0 warms up and is dropped
                 salt += 1
-                trunk = _trunk(tok, args.trunk_tokens, salt)
+                trunk = trunk_tokens(tok, args.trunk_tokens, salt=salt)
                 prompts = [
                     trunk + tok.encode(QUESTION.format(n=i), add_special_tokens=False) for i in range(count)
                 ]
