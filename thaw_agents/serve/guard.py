@@ -16,7 +16,7 @@ from typing import Any
 from .._errors import SnapshotError, SnapshotMismatchError, SnapshotNotFoundError
 from ..connector.params import LoadParams, ParamsError, SaveParams, parse_params
 
-__all__ = ["SnapshotGuard", "error_body", "respond", "status_of"]
+__all__ = ["SnapshotGuard", "error_body", "read_body", "replayed", "respond", "status_of"]
 
 _GUARDED = ("/v1/completions", "/v1/chat/completions")
 _MAX_BODY = 64 << 20
@@ -52,26 +52,8 @@ class SnapshotGuard:
         if path not in _GUARDED or service is None:
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if not message.get("more_body") or size > _MAX_BODY:
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
+        body = await read_body(receive)
+        replay = replayed(body, receive)
         ids: list[str] = []
         try:
             ids = self._check(service, body)
@@ -114,3 +96,33 @@ async def respond(send: Any, status: int, body: bytes) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(receive: Any) -> bytes:
+    """A request's body, read whole (up to 64 MiB: past that vLLM refuses it anyway), so a
+    middleware can look at it and then hand it on with :func:`replayed`."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if not message.get("more_body") or size > _MAX_BODY:
+            break
+    return b"".join(chunks)
+
+
+def replayed(body: bytes, receive: Any) -> Any:
+    """An ASGI ``receive`` that gives ``body`` once, then whatever ``receive`` gives."""
+    done = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal done
+        if not done:
+            done = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

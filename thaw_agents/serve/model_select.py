@@ -15,12 +15,11 @@ import json
 from typing import Any
 
 from .._errors import ThawError
-from .guard import error_body, respond, status_of
+from .guard import error_body, read_body, replayed, respond, status_of
 
 __all__ = ["ModelSelector"]
 
 _SELECTED = ("/v1/completions", "/v1/chat/completions")
-_MAX_BODY = 64 << 20
 
 
 class ModelSelector:
@@ -39,20 +38,10 @@ class ModelSelector:
         ):
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if not message.get("more_body") or size > _MAX_BODY:
-                break
-        body = b"".join(chunks)
+        body = await read_body(receive)
         name = _model_of(body)
         if name is None or name not in weights:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replayed(body, receive), send)
             return
         request = json.loads(body)
         request["model"] = weights.served_name
@@ -63,7 +52,7 @@ class ModelSelector:
         try:
             async with weights.use(name):
                 started = True
-                await self.app({**scope, "headers": headers}, _replay(body, receive), send)
+                await self.app({**scope, "headers": headers}, replayed(body, receive), send)
         except ThawError as exc:
             if started:
                 raise
@@ -79,16 +68,3 @@ def _model_of(body: bytes) -> str | None:
         return None  # vLLM answers malformed JSON itself
     model = request.get("model") if isinstance(request, dict) else None
     return model if isinstance(model, str) else None
-
-
-def _replay(body: bytes, receive: Any) -> Any:
-    replayed = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
