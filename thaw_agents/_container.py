@@ -62,9 +62,12 @@ __all__ = [
     "checksum",
     "container_header",
     "encode_header",
+    "fsync_dir",
     "read_container",
+    "region_parts",
     "verify_regions",
     "write_container",
+    "write_parts",
 ]
 
 MAGIC = b"THAWSNAP"
@@ -105,7 +108,8 @@ Buffer = bytes | bytearray | memoryview
 RegionData = Buffer | Sequence[Buffer]
 
 
-def _parts(data: RegionData) -> list[memoryview]:
+def region_parts(data: RegionData) -> list[memoryview]:
+    """A region's bytes as flat byte views, one per buffer."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         return [memoryview(data).cast("B")]
     return [memoryview(part).cast("B") for part in data]
@@ -113,7 +117,7 @@ def _parts(data: RegionData) -> list[memoryview]:
 
 def checksum(data: RegionData) -> str:
     """The hex checksum of a region's bytes (BLAKE3, several GB/s; multi-threaded for big buffers)."""
-    parts = _parts(data)
+    parts = region_parts(data)
     big = sum(p.nbytes for p in parts) >= (8 << 20)
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if big else blake3.blake3()
     for part in parts:
@@ -221,7 +225,7 @@ def write_container(
     path = os.fspath(path)
     entries: list[Region] = []
     offset = 0
-    parted = [(name, _parts(data)) for name, data in regions]
+    parted = [(name, region_parts(data)) for name, data in regions]
     for name, parts in parted:
         nbytes = sum(p.nbytes for p in parts)
         entries.append(Region(name=name, offset=offset, nbytes=nbytes, checksum=checksum(parts)))
@@ -239,12 +243,12 @@ def write_container(
         with os.fdopen(fd, "wb", buffering=0) as handle:
             _write_all(handle, blob)
             for _, parts in parted:
-                _writev_all(handle.fileno(), parts)
+                write_parts(handle.fileno(), parts)
             if fsync:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
         if fsync:
-            _fsync_dir(directory)
+            fsync_dir(directory)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -260,10 +264,16 @@ def write_container(
     )
 
 
-def _writev_all(fd: int, parts: list[memoryview]) -> None:
+def write_parts(fd: int, parts: list[memoryview], offset: int | None = None) -> None:
+    """Write every byte of ``parts`` back to back: at the file position, or at ``offset``
+    (``pwritev``, the position untouched); short writes are resumed."""
     pending = [p for p in parts if p.nbytes]
     while pending:
-        written = os.writev(fd, pending[:512])
+        if offset is None:
+            written = os.writev(fd, pending[:512])
+        else:
+            written = os.pwritev(fd, pending[:512], offset)
+            offset += max(written, 0)
         if written <= 0:
             raise OSError("short write")
         while pending and written >= pending[0].nbytes:
@@ -282,7 +292,8 @@ def _write_all(handle: BinaryIO, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename into it); quietly skipped where a file system refuses."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

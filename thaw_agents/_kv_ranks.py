@@ -36,36 +36,18 @@ from ._container import (
     Container,
     Region,
     RegionData,
-    _fsync_dir,
     checksum,
     container_header,
     encode_header,
+    fsync_dir,
+    region_parts,
+    write_parts,
 )
 from ._errors import SnapshotFormatError, write_failed
 
 __all__ = ["combine_rank_results", "write_rank_share"]
 
 _PENDING = "0" * 64  # a checksum's length, before it is known
-
-
-def _views(data: RegionData) -> list[memoryview]:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return [memoryview(data).cast("B")]
-    return [memoryview(part).cast("B") for part in data]
-
-
-def _pwrite_all(fd: int, parts: list[memoryview], offset: int) -> None:
-    pending = [p for p in parts if p.nbytes]
-    while pending:
-        written = os.pwritev(fd, pending[:512], offset)
-        if written <= 0:
-            raise OSError("short write")
-        offset += written
-        while pending and written >= pending[0].nbytes:
-            written -= pending[0].nbytes
-            pending.pop(0)
-        if written:
-            pending[0] = pending[0][written:]
 
 
 def _header(
@@ -124,10 +106,10 @@ def write_rank_share(
     try:
         sums = []
         for i, block in enumerate(blocks):
-            parts = _views(block)
+            parts = region_parts(block)
             if sum(p.nbytes for p in parts) != block_nbytes:
                 raise ValueError(f"block {i} is not {block_nbytes} bytes")
-            _pwrite_all(fd, parts, blob_nbytes + (rank * num_blocks + i) * block_nbytes)
+            write_parts(fd, parts, blob_nbytes + (rank * num_blocks + i) * block_nbytes)
             sums.append(checksum(parts))
         if fsync:
             os.fsync(fd)
@@ -142,13 +124,13 @@ def write_rank_share(
         regions, header, blob = _header(meta, names, block_nbytes, every)
         assert len(blob) == blob_nbytes, "a header's length must not depend on its checksums"
         payload_nbytes = len(names) * block_nbytes
-        _pwrite_all(fd, [memoryview(blob)], 0)
+        write_parts(fd, [memoryview(blob)], 0)
         os.ftruncate(fd, blob_nbytes + payload_nbytes)
         if fsync:
             os.fsync(fd)
         os.replace(data_path, dest)
         if fsync:
-            _fsync_dir(store)
+            fsync_dir(store)
         for suffix in [*(f".rank{r}" for r in range(ranks)), ".final"]:
             with contextlib.suppress(OSError):
                 os.unlink(store / f"{base}{suffix}.partial")
@@ -170,7 +152,7 @@ def _publish(path: Path, sums: list[str]) -> None:
     tmp = path.with_name(path.name.removesuffix(".partial") + ".w.partial")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        _pwrite_all(fd, [memoryview(json.dumps(sums).encode())], 0)
+        write_parts(fd, [memoryview(json.dumps(sums).encode())], 0)
     finally:
         os.close(fd)
     os.replace(tmp, path)
