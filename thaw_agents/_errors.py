@@ -52,6 +52,7 @@ __all__ = [
     "SnapshotWriteError",
     "ThawError",
     "WorkerDiedError",
+    "error_json",
     "write_failed",
 ]
 
@@ -178,6 +179,28 @@ class SnapshotReadError(SnapshotError, OSError):
 class SnapshotChangedError(SnapshotError):
     """A file held open by a reader (a mapped weights file) changed since it was opened:
     another process truncated, rewrote or replaced it. Map or load it again."""
+
+
+def error_json(exc: BaseException) -> dict[str, Any]:
+    """An exception as plain data, to cross a process boundary (a worker's reply): its type's
+    name, its message (without the ``path: `` prefix a :class:`SnapshotError` adds), and where
+    the exception has them, ``path``, ``errno`` and a mismatch's ``field``/``expected``/``actual``.
+
+    Example:
+        >>> error_json(SnapshotWriteError("disk full", path="/s/x.thaw", errno=28))
+        {'type': 'SnapshotWriteError', 'message': 'disk full', 'path': '/s/x.thaw', 'errno': 28}
+    """
+    error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)[:4000]}
+    path = getattr(exc, "path", None)
+    if isinstance(path, str):
+        error["path"] = path
+        error["message"] = error["message"].removeprefix(f"{path}: ")
+    errno = getattr(exc, "errno", None)
+    if isinstance(errno, int):
+        error["errno"] = errno
+    if isinstance(exc, SnapshotMismatchError):
+        error.update(field=exc.field, expected=repr(exc.expected), actual=repr(exc.actual))
+    return error
 
 
 def write_failed(path: str | os.PathLike[str], exc: OSError, nbytes: int | None = None) -> SnapshotWriteError:

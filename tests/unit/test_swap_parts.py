@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from thaw_agents import SnapshotChecksumError, SnapshotMismatchError
+from thaw_agents._errors import error_json
 from thaw_agents.connector import worker_extension
 from thaw_agents.weights import freeze_tensors, read_weights_manifest, weights_fingerprint
-from thaw_agents.weights._swap import _raise_error, error_json
+from thaw_agents.weights._swap import _raise_error
 
 
 def _file(folder: Path, name: str, value: float) -> Path:
@@ -31,8 +32,9 @@ def test_worker_errors_arrive_typed() -> None:
     with pytest.raises(SnapshotMismatchError) as caught:
         _raise_error(error_json(SnapshotMismatchError("x.shape", (1,), (2,), path="/f")))
     assert caught.value.field == "x.shape"
-    with pytest.raises(SnapshotChecksumError, match="region 3"):
+    with pytest.raises(SnapshotChecksumError, match="region 3") as checksum:
         _raise_error(error_json(SnapshotChecksumError("region 3 differs", path="/f")))
+    assert str(checksum.value) == "/f: region 3 differs"  # the path once, as the worker had it
 
 
 def test_worker_keeps_two_host_copies(tmp_path: Path, monkeypatch) -> None:

@@ -42,8 +42,8 @@ class ThawWorkerExtension:
         Returns ``{"fingerprint", "nbytes", "num_tensors", "seconds" (the verified restore),
         "process_s" (vLLM's post-load processing), "route"}`` or
         ``{"error": {"type", "message", ...}}`` (the model is then unchanged)."""
+        from .._errors import error_json
         from ..weights._inplace import restore_into_running_model
-        from ..weights._swap import error_json
 
         try:
             runner = self.model_runner  # type: ignore[attr-defined]

@@ -32,6 +32,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .._errors import error_json
+
 __all__ = ["SaveWriter", "error_result"]
 
 logger = logging.getLogger(__name__)
@@ -43,16 +45,8 @@ WRITER_NICENESS = 10
 
 
 def error_result(snapshot_id: str, exc: BaseException) -> Result:
-    """A failed save's result: the error's type name and message, plain JSON."""
-    error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)[:4000]}
-    path = getattr(exc, "path", None)
-    if isinstance(path, str):
-        error["path"] = path
-        error["message"] = error["message"].removeprefix(f"{path}: ")
-    errno = getattr(exc, "errno", None)
-    if isinstance(errno, int):
-        error["errno"] = errno
-    return {"snapshot_id": snapshot_id, "status": "failed", "error": error}
+    """A failed save's result: the error as plain JSON (:func:`~thaw_agents._errors.error_json`)."""
+    return {"snapshot_id": snapshot_id, "status": "failed", "error": error_json(exc)}
 
 
 class SaveWriter:

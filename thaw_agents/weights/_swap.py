@@ -85,20 +85,9 @@ def _rpc_args(snapshot: str | os.PathLike[str] | HostWeights) -> tuple[Any, ...]
     return (os.path.abspath(os.path.expanduser(os.fspath(snapshot))), "file", os.getpid(), 0)
 
 
-def error_json(exc: BaseException) -> dict[str, Any]:
-    """A worker's exception as plain data (it may cross processes)."""
-    data: dict[str, Any] = {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "path": getattr(exc, "path", None),
-    }
-    if isinstance(exc, SnapshotMismatchError):
-        data.update(field=exc.field, expected=repr(exc.expected), actual=repr(exc.actual))
-    return data
-
-
 def _raise_error(data: dict[str, Any]) -> None:
-    """Raise the typed error a worker reported (a ThawError subclass by name, or ThawError)."""
+    """Raise the typed error a worker reported (:func:`~thaw_agents._errors.error_json`): a
+    ThawError subclass by name, or ThawError."""
     kind, message, path = str(data.get("type")), str(data.get("message")), data.get("path")
     if kind == "SnapshotMismatchError":
         raise SnapshotMismatchError(str(data["field"]), data["expected"], data["actual"], path=path)
