@@ -9,7 +9,8 @@ import os
 import platform
 import re
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,25 @@ def write_results(name: str, payload: dict[str, Any], out: Path | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def run_role(
+    script: Path, role: str, job: dict[str, Any], scratch: Path, argv: Sequence[str], timeout: float
+) -> dict:
+    """Run ``script --role ROLE`` in a fresh process (an engine per process) on ``job``; the
+    role's JSON result, or ``{"failed": ...}`` when it wrote none. The script's side is
+    :func:`serve_role`."""
+    io = scratch / f"{role}.json"
+    io.write_text(json.dumps(job))
+    proc = subprocess.run(
+        [sys.executable, str(script), "--role", role, "--io", str(io), *argv], timeout=timeout, check=False
+    )
+    out = io.with_suffix(".out")
+    return json.loads(out.read_text()) if out.exists() else {"failed": f"exit status {proc.returncode}"}
+
+
+def serve_role(args: Any, roles: dict[str, Callable[[Any, dict], dict]]) -> None:
+    """In the process :func:`run_role` started: run ``args.role`` on the job in ``args.io`` and
+    write its result beside it."""
+    result = roles[args.role](args, json.loads(args.io.read_text()))
+    args.io.with_suffix(".out").write_text(json.dumps(result, default=str))

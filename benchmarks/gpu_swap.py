@@ -22,14 +22,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table
+from _common import machine, print_table, run_role, serve_role
 from gpu_engine import greedy, shutdown, ttft
 
 HERE = Path(__file__).resolve()
@@ -131,15 +130,6 @@ def role_fresh(args: argparse.Namespace, job: dict) -> dict:
 ROLES = {"swap": role_swap, "fresh": role_fresh}
 
 
-def _run_role(args: argparse.Namespace, role: str, job: dict, scratch: Path) -> dict:
-    io = scratch / f"{role}.json"
-    io.write_text(json.dumps(job))
-    cmd = [sys.executable, str(HERE), "--role", role, "--io", str(io), *args.passthrough]
-    proc = subprocess.run(cmd, timeout=args.role_timeout, check=False)
-    out = io.with_suffix(".out")
-    return json.loads(out.read_text()) if out.exists() else {"failed": f"exit status {proc.returncode}"}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -155,8 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     args.passthrough = ["--model", args.model, "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem)]
     if args.role:
-        result = ROLES[args.role](args, json.loads(args.io.read_text()))
-        args.io.with_suffix(".out").write_text(json.dumps(result, default=str))
+        serve_role(args, ROLES)
         return
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     folder = Path(args.weights_dir)
@@ -165,8 +154,12 @@ def main() -> None:
     scratch.mkdir(mode=0o700)
     job = {"a": str(folder / "a.thaw"), "b": str(folder / "b.thaw")}
     try:
-        swap = _run_role(args, "swap", job, scratch)
-        fresh = _run_role(args, "fresh", job, scratch) if "on_b" in swap else {}
+        swap = run_role(HERE, "swap", job, scratch, args.passthrough, args.role_timeout)
+        fresh = (
+            run_role(HERE, "fresh", job, scratch, args.passthrough, args.role_timeout)
+            if "on_b" in swap
+            else {}
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)

@@ -26,14 +26,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, trunk_tokens
+from _common import machine, print_table, run_role, serve_role, trunk_tokens
 from gpu_engine import greedy, one_token, shutdown, suffix_tokens, ttft
 
 HERE = Path(__file__).resolve()
@@ -199,13 +198,8 @@ ROLES = {
 
 
 def _run_role(args: argparse.Namespace, role: str, job: dict, scratch: Path) -> dict:
-    io = scratch / f"{role}.json"
-    io.write_text(json.dumps(job))
-    cmd = [sys.executable, str(HERE), "--role", role, "--io", str(io), *args.passthrough]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, timeout=args.role_timeout, check=False)
-    out = io.with_suffix(".out")
-    result = json.loads(out.read_text()) if out.exists() else {"failed": f"exit status {proc.returncode}"}
+    result = run_role(HERE, role, job, scratch, args.passthrough, args.role_timeout)
     result["role_s"] = time.perf_counter() - start
     print(f"== {role}: {json.dumps({k: v for k, v in result.items() if k not in ('trunk', 'greedy')})[:600]}")
     return result
@@ -235,8 +229,7 @@ def main() -> None:
     if args.eager:
         args.passthrough.append("--eager")
     if args.role:
-        result = ROLES[args.role](args, json.loads(args.io.read_text()))
-        args.io.with_suffix(".out").write_text(json.dumps(result, default=str))
+        serve_role(args, ROLES)
         return
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
