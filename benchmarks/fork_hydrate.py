@@ -10,6 +10,11 @@ measures the time to first token of prefix + a short suffix five ways:
   file         the same from a file on disk, evicted from the page cache first (cold read)
   hydrate      ``hydrate()`` from /dev/shm, then a plain request
 
+The fresh engine's snapshot store (``THAW_AGENTS_STORE``) is ``--store shm`` (default: a folder in
+/dev/shm, as a deployment that hands snapshots over through shared memory sets it, so the shm
+snapshot is hard-linked into it and the cold file is read once into it) or ``--store disk`` (the
+default store under ~/.cache, so the shm snapshot is copied to disk and the file is linked).
+
 Goals: shm <= 1.3x and file <= 1.6x the cache hit; hydrate <= 1.1x with_fork. The modes
 alternate within each of --repeats rounds (order reversed every other round); ratios are
 medians of per-round ratios, so machine load hits every mode alike. ``--profile`` adds the
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -162,6 +168,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="lengths 256 and 4000, 3 repeats")
     parser.add_argument("--profile", action="store_true", help="profile one with_fork request per length")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--store", choices=["shm", "disk"], default="shm", help="where the fresh engine's snapshot store is"
+    )
     parser.add_argument("--role", choices=["parent", "child"], help=argparse.SUPPRESS)
     parser.add_argument("--io", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,7 +211,14 @@ def main() -> None:
     try:
         subprocess.run([*common, "--role", "parent"], check=True)
         cases = json.loads(io.read_text())
-        subprocess.run([*common, "--role", "child"], check=True)
+        child_env = dict(os.environ)
+        if args.store == "shm":
+            child_env["THAW_AGENTS_STORE"] = tempfile.mkdtemp(prefix="thaw-bench-store-", dir="/dev/shm")
+        try:
+            subprocess.run([*common, "--role", "child"], check=True, env=child_env)
+        finally:
+            if args.store == "shm":
+                shutil.rmtree(child_env["THAW_AGENTS_STORE"], ignore_errors=True)
         measured = json.loads(io.with_suffix(".out").read_text())
     finally:
         for case in json.loads(io.read_text()).values() if io.exists() else []:
@@ -286,6 +302,7 @@ def main() -> None:
             "cases": report,
             "goals": goals,
             "profiles": {k: v for k, v in measured.items() if k.startswith("profile-")},
+            "store": args.store,
             "notes": "TTFT = wall time of a max_tokens=1 request for prefix + suffix in a fresh engine "
             "(prefix cache reset each run), from the start of the mode's own work: shm/file (with_fork) "
             "and hydrate include ForkHandle.load (header + checksum validation), hydrate includes "

@@ -37,6 +37,7 @@ from ._errors import (
     SnapshotVersionError,
     write_failed,
 )
+from ._threads import in_parts
 from ._validate import (
     CHUNK_NBYTES,
     describe,
@@ -480,18 +481,28 @@ def verify_regions(
             raise SnapshotTruncatedError(
                 "the file shrank since its header was read; fetch or re-create it", path=path
             )
-        buffer = bytearray(min(_VERIFY_CHUNK_NBYTES, max(1, container.payload_nbytes)))
-        view = memoryview(buffer)
-        for index in wanted:
-            region = container.regions[index]
-            if region_digest(fd, container.payload_offset + region.offset, region.nbytes, view, path) != (
-                region.checksum
-            ):
-                raise SnapshotChecksumError(
-                    f"region {index} ({describe(region.name)}) does not match its checksum: the "
-                    "file is corrupt. Re-create the snapshot or fetch it again.",
-                    path=path,
-                    region=index,
+
+        def first_bad(part: list[int]) -> int | None:
+            buffer = bytearray(min(_VERIFY_CHUNK_NBYTES, max(1, container.payload_nbytes)))
+            view = memoryview(buffer)
+            for index in part:
+                region = container.regions[index]
+                digest = region_digest(
+                    fd, container.payload_offset + region.offset, region.nbytes, view, path
                 )
+                if digest != region.checksum:
+                    return index
+            return None
+
+        # Parts in parallel (reads and hashing release the GIL); the first bad region is named.
+        bad = [index for index in in_parts(first_bad, wanted) if index is not None]
+        if bad:
+            index = bad[0]
+            raise SnapshotChecksumError(
+                f"region {index} ({describe(container.regions[index].name)}) does not match its "
+                "checksum: the file is corrupt. Re-create the snapshot or fetch it again.",
+                path=path,
+                region=index,
+            )
     finally:
         os.close(fd)

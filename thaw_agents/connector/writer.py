@@ -9,8 +9,12 @@ saves reading them (``handle_preemptions``, told by the scheduler half which one
 The queue is bounded: when ``capacity`` saves are waiting, the next ``submit`` waits for room
 (a burst of forks slows the step down instead of piling up host copies of their blocks).
 
-The thread runs at a lower CPU priority than the engine (``nice``): on a small machine the
-engine's threads come first and the write takes the cores they leave idle.
+The thread runs at the lowest CPU priority (``nice`` 19) and may use every core of the
+process: on a small machine the engine's threads come first and the write takes what they leave
+idle. (vLLM pins the engine's thread to one core and a thread inherits its creator's mask; left
+there, the writer would take about a tenth of that core at ``nice`` 10, and every OpenMP team
+in the step would wait for the thread it slowed.) The engine's own idle moments, between steps,
+keep a save moving on a busy engine; on an idle one it runs at full speed.
 
 Example:
     >>> writer = SaveWriter()
@@ -33,6 +37,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._errors import error_json
+from .._threads import process_cpus
 
 __all__ = ["SaveWriter", "error_result"]
 
@@ -41,7 +46,7 @@ logger = logging.getLogger(__name__)
 Result = dict[str, Any]
 _STOP = object()
 # How much lower than the engine the writer runs (0 = the same; 19 = the lowest).
-WRITER_NICENESS = 10
+WRITER_NICENESS = 19
 
 
 def error_result(snapshot_id: str, exc: BaseException) -> Result:
@@ -105,6 +110,8 @@ class SaveWriter:
 
     def _run(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed: run as is
+            os.sched_setaffinity(0, process_cpus())
+        with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._niceness)
         while True:
             item = self._queue.get()
