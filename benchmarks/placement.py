@@ -5,7 +5,8 @@ same engine arguments. For each branch count in --branches, --rounds rounds afte
 round; in every round the three placements run one after the other (their order rotates from
 round to round), each on a new conversation: a --trunk-tokens trunk and one short question per
 branch, --max-tokens greedy tokens each (ignore_eos). Branch counts above --max-num-seqs do not
-fit the parent's batch, so "auto" should pick the pool there and the parent below.
+fit the parent's batch, so "auto" should pick the pool there and the parent below. The pool's
+workers stay up (idle) while the parent runs, as beside a user's auto round.
 
 Per branch count: the median round time of each placement, what "auto" chose (and its reason),
 and auto's time over the better placement's (the one with the smaller median), taken round by
