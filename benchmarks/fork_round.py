@@ -122,7 +122,8 @@ def _fork_rounds(llm: Any, args: argparse.Namespace, pool: Any, offset: int) -> 
     for r in range(args.rounds + 1):
         prompts = _prompts(tok, args, offset + r)
         start = time.perf_counter()
-        results = thaw_agents.fork_completions(llm, prompts, _params(args), pool)
+        placement = "pool" if pool else "parent"
+        results = thaw_agents.fork_completions(llm, prompts, _params(args), pool, placement=placement)
         wall = time.perf_counter() - start
         if not r:
             continue

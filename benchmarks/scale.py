@@ -127,7 +127,9 @@ def branch_curve(llm: Any, pool: Any, counts: list[int], args: argparse.Namespac
                     trunk + tok.encode(QUESTION.format(n=i), add_special_tokens=False) for i in range(count)
                 ]
                 start = time.perf_counter()
-                results = thaw_agents.fork_completions(llm, prompts, params, target)
+                results = thaw_agents.fork_completions(
+                    llm, prompts, params, target, placement="pool" if target else "parent"
+                )
                 if r:
                     rounds.append(time.perf_counter() - start)
                     ttfts += [x.timings.ttft_s for x in results if x.timings.ttft_s is not None]

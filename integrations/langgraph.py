@@ -229,6 +229,7 @@ async def _on_pool(
         suffixes=suffixes,
         sampling_params=sampling,
         pool=pool,
+        placement="pool",  # with a pool attached, fork_fanout runs its branches there
     )
     messages = []
     for result in results:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import threading
 import time
@@ -29,6 +30,7 @@ from thaw_agents import (
     SnapshotMismatchError,
     fork_completions,
 )
+from thaw_agents.front import front_for
 from thaw_agents.pool._transport import clean_stale, runtime_root
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -63,6 +65,16 @@ def _solo(llm, result: BranchResult, trunk: str, suffix: str, params: SamplingPa
     assert len(ids) == result.num_prompt_tokens
     out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
     return [list(c.token_ids) for c in out.outputs]
+
+
+def _room(reason: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(free, needed) slots and KV blocks, as the placement decision in ``reason`` states them."""
+    found = re.search(
+        r"(\d+) free slots [<>=]+ (\d+) sequences, (\d+) free KV blocks [<>=]+ (\d+) needed", reason
+    )
+    assert found, reason
+    free_slots, sequences, free_blocks, needed = map(int, found.groups())
+    return (free_slots, sequences), (free_blocks, needed)
 
 
 def _arm_hang(hook: Path, seconds: int) -> None:
@@ -163,17 +175,31 @@ class TestLocalPool:
             yield pool
         assert not pool.run_dir().exists()
 
+    @pytest.fixture(scope="class")
+    def small_parent(self, model: Path, pool: ForkPool):
+        """A parent with 4 batch slots and a KV cache of 16 (float32) or 32 (bfloat16) blocks."""
+        llm = make_side_llm(
+            model,
+            omp_cores=worker_cores(2),
+            max_num_seqs=4,
+            max_model_len=512,
+            kv_cache_memory_bytes=256 << 10,
+        )
+        yield llm
+        shutdown(llm)
+
     def test_branches_start_from_the_trunk_and_match_solo_runs(
         self, parent, pool: ForkPool, store: Path
     ) -> None:
         trunk = _trunk("parsers")
-        results = fork_completions(parent, [trunk + s for s in SUFFIXES[:2]], GREEDY, pool)
+        results = fork_completions(parent, [trunk + s for s in SUFFIXES[:2]], GREEDY, pool, placement="pool")
         assert [r.index for r in results] == [0, 1]
         assert [r.worker for r in results] == ["local-0", "local-1"]
         block = pool.spec.block_size
         for result, suffix in zip(results, SUFFIXES, strict=False):
             assert result.placement == "worker" and result.transport == "shm" and result.attempts == 1
-            assert "round-robin" in result.reason and "shm" in result.reason
+            assert result.reason.startswith("placement='pool'; pool of 2 local workers: round-robin")
+            assert "shm" in result.reason
             assert (
                 result.num_cached_tokens >= len(parent.get_tokenizer().encode(trunk)) // block * block - block
             )
@@ -197,7 +223,7 @@ class TestLocalPool:
         trunk = _trunk("caches")
         sampled = SamplingParams(max_tokens=12, temperature=0.9, seed=7, n=3)
         results = fork_completions(
-            parent, prefix=trunk, suffixes=SUFFIXES[:2], sampling_params=sampled, pool=pool
+            parent, prefix=trunk, suffixes=SUFFIXES[:2], sampling_params=sampled, pool=pool, placement="pool"
         )
         for result, suffix in zip(results, SUFFIXES, strict=False):
             assert [c.index for c in result.completions] == [0, 1, 2]
@@ -210,7 +236,7 @@ class TestLocalPool:
     def test_a_given_handle_is_shipped_and_kept(self, parent, pool: ForkPool) -> None:
         handle = thaw_agents.fork(parent, _trunk("queues"))
         results = fork_completions(
-            parent, prefix=handle, suffixes=SUFFIXES[:2], sampling_params=GREEDY, pool=pool
+            parent, prefix=handle, suffixes=SUFFIXES[:2], sampling_params=GREEDY, pool=pool, placement="pool"
         )
         assert {r.snapshot_id for r in results} == {handle.id}
         assert all(r.num_cached_tokens >= handle.num_snapshot_tokens for r in results)
@@ -229,6 +255,57 @@ class TestLocalPool:
         batch = parent.generate(prompts, GREEDY, use_tqdm=False)
         assert [list(r.token_ids) for r in results] == [list(o.outputs[0].token_ids) for o in batch]
 
+    def test_auto_runs_in_the_parent_when_it_has_room(self, parent, pool: ForkPool) -> None:
+        trunk = _trunk("ledgers")
+        before = [w.tasks_done for w in pool.workers]
+        results = fork_completions(parent, [trunk + s for s in SUFFIXES], GREEDY, pool)
+        assert {r.placement for r in results} == {"parent"} and {r.worker for r in results} == {"parent"}
+        slots, blocks = _room(results[0].reason)
+        assert slots[1] == 4 <= slots[0] and 0 < blocks[1] <= blocks[0]
+        assert results[0].reason.endswith("the parent's prefix cache holds the trunk (no copy)")
+        trunk_ids = parent.get_tokenizer().encode(trunk)
+        assert all(r.num_cached_tokens >= len(trunk_ids) // 32 * 32 for r in results)
+        assert [w.tasks_done for w in pool.workers] == before  # no worker was asked
+
+    def test_auto_sends_a_round_the_parent_has_no_room_for_to_the_pool(
+        self, pool: ForkPool, small_parent
+    ) -> None:
+        """A parent of 4 batch slots and a small KV cache: 5 branches need more slots than it
+        has; 3 long ones more KV blocks. Both rounds go to the workers, and say why."""
+        cap = front_for(small_parent).capacity()
+        assert cap.max_num_seqs == 4
+        trunk = small_parent.get_tokenizer().encode(_trunk("quotas"))[:160]
+        five = [*SUFFIXES, " Fifth, the logs:"]
+        results = fork_completions(
+            small_parent, prefix=trunk, suffixes=five, sampling_params=GREEDY, pool=pool
+        )
+        assert {r.placement for r in results} == {"worker"}
+        assert {r.worker for r in results} == {"local-0", "local-1"}
+        assert results[0].reason.startswith(f"auto: parent full ({cap.free_slots} free slots < 5 sequences, ")
+        assert "2 of 2 local workers ready" in results[0].reason and "round-robin" in results[0].reason
+
+        max_tokens = cap.max_model_len - len(trunk) - 16
+        long = SamplingParams(max_tokens=max_tokens, temperature=0)
+        needed = 5 + 3 * (-(-(len(trunk) + 16 + max_tokens) // 32) - 5)  # the trunk's 5 blocks once
+        assert needed > cap.free_blocks, "the small parent's KV cache is too big for this test"
+        results = fork_completions(
+            small_parent, prefix=trunk, suffixes=SUFFIXES[:3], sampling_params=long, pool=pool
+        )
+        assert {r.placement for r in results} == {"worker"}
+        slots, blocks = _room(results[0].reason)
+        assert slots[0] >= slots[1] == 3 and blocks[0] == cap.free_blocks < blocks[1]
+        assert all(r.finish_reason in ("length", "stop") for r in results)
+
+    def test_placement_values_are_checked(self, parent, pool: ForkPool) -> None:
+        prompts = [_trunk("flags") + s for s in SUFFIXES[:2]]
+        with pytest.raises(ConfigError, match="placement must be 'auto', 'parent' or 'pool'"):
+            fork_completions(parent, prompts, GREEDY, pool, placement="gpu")  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="needs a pool"):
+            fork_completions(parent, prompts, GREEDY, placement="pool")
+        forced = fork_completions(parent, prompts, GREEDY, pool, placement="parent")
+        assert {r.placement for r in forced} == {"parent"}
+        assert forced[0].reason.startswith("placement='parent'; ")
+
     def test_a_mismatched_snapshot_is_refused_before_any_branch_runs(
         self, parent, pool: ForkPool, tmp_path: Path
     ) -> None:
@@ -242,19 +319,24 @@ class TestLocalPool:
         bad = ForkHandle.load(snapfiles.rewrite_header(handle.path, tmp_path / "other.thaw", to_other))
         before = [w.tasks_done for w in pool.workers]
         with pytest.raises(SnapshotMismatchError) as info:
-            fork_completions(parent, prefix=bad, suffixes=SUFFIXES[:2], sampling_params=GREEDY, pool=pool)
+            fork_completions(
+                parent, prefix=bad, suffixes=SUFFIXES[:2], sampling_params=GREEDY, pool=pool, placement="pool"
+            )
         assert info.value.field == "dtype" and info.value.actual == other
         assert [w.tasks_done for w in pool.workers] == before
 
     def test_concurrent_rounds_match_their_solo_runs(self, parent, pool: ForkPool) -> None:
         rounds = {topic: [_trunk(topic) + s for s in SUFFIXES] for topic in ("graphs", "tensors")}
         alone = {
-            t: [r.token_ids for r in fork_completions(parent, p, GREEDY, pool)] for t, p in rounds.items()
+            t: [r.token_ids for r in fork_completions(parent, p, GREEDY, pool, placement="pool")]
+            for t, p in rounds.items()
         }
         together: dict[str, list] = {}
 
         def run(topic: str) -> None:
-            together[topic] = [r.token_ids for r in fork_completions(parent, rounds[topic], GREEDY, pool)]
+            together[topic] = [
+                r.token_ids for r in fork_completions(parent, rounds[topic], GREEDY, pool, placement="pool")
+            ]
 
         threads = [threading.Thread(target=run, args=(t,)) for t in rounds]
         for thread in threads:
@@ -265,7 +347,10 @@ class TestLocalPool:
 
         async def both() -> list:
             return await asyncio.gather(
-                *(thaw_agents.afork_completions(parent, p, GREEDY, pool) for p in rounds.values())
+                *(
+                    thaw_agents.afork_completions(parent, p, GREEDY, pool, placement="pool")
+                    for p in rounds.values()
+                )
             )
 
         gathered = asyncio.run(both())
@@ -276,7 +361,12 @@ class TestLocalPool:
         too_long = list(range(1000, 3200))  # past max_model_len=2048
         with pytest.raises(PoolError) as info:
             fork_completions(
-                parent, prefix=trunk, suffixes=[SUFFIXES[0], too_long], sampling_params=GREEDY, pool=pool
+                parent,
+                prefix=trunk,
+                suffixes=[SUFFIXES[0], too_long],
+                sampling_params=GREEDY,
+                pool=pool,
+                placement="pool",
             )
         error = info.value
         assert error.branch == 1 and error.worker == "local-1" and error.stage == "generate"
@@ -286,7 +376,9 @@ class TestLocalPool:
         assert all(w.state == "ready" for w in pool.workers)  # an engine error is not a dead worker
 
     def test_a_trunk_shorter_than_a_block_is_not_shipped(self, parent, pool: ForkPool) -> None:
-        results = fork_completions(parent, ["Hi there, how are you", "Hi! Tell me a story"], GREEDY, pool)
+        results = fork_completions(
+            parent, ["Hi there, how are you", "Hi! Tell me a story"], GREEDY, pool, placement="pool"
+        )
         assert {r.transport for r in results} == {"none"} and {r.snapshot_id for r in results} == {None}
         assert all("recomputed" in r.reason and len(r.token_ids) == 16 for r in results)
 
@@ -300,6 +392,7 @@ class TestLocalPool:
                 suffixes=SUFFIXES[:2],
                 sampling_params=GREEDY,
                 pool=pool,
+                placement="pool",
                 timeout_s=1.5,
             )
         assert time.monotonic() - start < 4
@@ -314,7 +407,7 @@ class TestLocalPool:
         _arm_hang(hook, 600)
         start = time.monotonic()
         results = fork_completions(
-            parent, prefix=trunk, suffixes=SUFFIXES[:2], sampling_params=GREEDY, pool=pool
+            parent, prefix=trunk, suffixes=SUFFIXES[:2], sampling_params=GREEDY, pool=pool, placement="pool"
         )
         assert time.monotonic() - start < 15 + 10 + 60  # the timeout, the grace, the retry
         hung = next(r for r in results if r.attempts == 2)
@@ -335,7 +428,12 @@ class TestLocalPool:
         runner = threading.Thread(
             target=lambda: box.update(
                 results=fork_completions(
-                    parent, prefix=trunk, suffixes=SUFFIXES[:2], sampling_params=GREEDY, pool=pool
+                    parent,
+                    prefix=trunk,
+                    suffixes=SUFFIXES[:2],
+                    sampling_params=GREEDY,
+                    pool=pool,
+                    placement="pool",
                 )
             )
         )
@@ -372,7 +470,12 @@ class TestRayPool:
     def test_actors_hydrate_from_the_object_store(self, parent, ray_pool: ForkPool) -> None:
         trunk = _trunk("actors")
         results = fork_completions(
-            parent, prefix=trunk, suffixes=SUFFIXES[:2], sampling_params=GREEDY, pool=ray_pool
+            parent,
+            prefix=trunk,
+            suffixes=SUFFIXES[:2],
+            sampling_params=GREEDY,
+            pool=ray_pool,
+            placement="pool",
         )
         assert [r.worker for r in results] == ["ray-0", "ray-1"]
         assert {r.transport for r in results} == {"ray"}

@@ -16,7 +16,7 @@ import thaw_agents
 from thaw_agents._manifest import derive_snapshot
 from thaw_agents._store import snapshot_path
 from thaw_agents.connector.params import await_save, load_params, save_params
-from thaw_agents.front import AsyncLLMFront, LLMFront, Request, RequestTimeoutError, front_for
+from thaw_agents.front import AsyncLLMFront, Capacity, LLMFront, Request, RequestTimeoutError, front_for
 
 pytestmark = pytest.mark.timeout(600)
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
@@ -182,3 +182,33 @@ def test_async_rpcs_and_refusals(afront, store: Path) -> None:
     assert front.save_result("thaw-" + "0" * 64) is None
     with pytest.raises(thaw_agents.ConfigError, match="no loop runner"):
         AsyncLLMFront(run(front.engine())).describe()
+
+
+def test_capacity_of_an_idle_llm_is_its_whole_batch_and_cache(llm) -> None:
+    front = front_for(llm)
+    front.generate([Request(token_ids=PROMPT, params=GREEDY)])  # finished requests hold nothing
+    cap = front.capacity()
+    config = llm.llm_engine.vllm_config
+    assert cap.max_num_seqs == config.scheduler_config.max_num_seqs > 0
+    assert cap.num_blocks == config.cache_config.num_gpu_blocks - 1 > 0
+    assert (cap.num_requests, cap.num_reserved_blocks) == (0, 0)
+    assert (cap.free_slots, cap.free_blocks) == (cap.max_num_seqs, cap.num_blocks)
+    assert (cap.block_size, cap.max_model_len) == (32, ENGINE_KW["max_model_len"])
+
+
+def test_capacity_counts_what_requests_in_flight_can_hold(afront) -> None:
+    """An AsyncLLM serving a request: one slot and its prompt + max_tokens in blocks are taken."""
+    front, run = afront
+    idle = front.capacity()
+
+    async def during() -> Capacity:
+        async for delta in front.astream(Request(token_ids=PROMPT, params=ENDLESS)):
+            if delta.token_ids:
+                return front.capacity()  # leaving the stream aborts the request
+        raise AssertionError("no token")
+
+    busy = run(during())
+    assert busy.num_requests == idle.num_requests + 1
+    assert busy.free_slots == idle.free_slots - 1
+    assert busy.num_reserved_blocks - idle.num_reserved_blocks == -(-(len(PROMPT) + 1500) // 32)
+    assert busy.free_blocks == idle.free_blocks - 50

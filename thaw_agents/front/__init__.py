@@ -19,6 +19,8 @@ Both offer:
   while any rank's share is being written).
 - ``prefix_token_ids(prefix, tools)``: text, token ids or chat messages (rendered by
   :mod:`thaw_agents.chat`) as token ids; ``encode(text)``.
+- ``capacity()``: free batch slots and KV blocks (:class:`Capacity`), from the front process's
+  own bookkeeping.
 - ``default_sampling_params()``, ``prefix_caching()``, ``lock()``.
 
 Errors: :class:`RequestTimeoutError` (an ``EngineError`` and a ``TimeoutError``; the request
@@ -41,10 +43,12 @@ from typing import Any
 from .._errors import ConfigError
 from ._async import AsyncLLMFront
 from ._base import Completion, Delta, Front, Prefix, PrefixRun, Request, RequestTimeoutError, Result
+from ._capacity import Capacity
 from ._llm import LLMFront, engine_lock
 
 __all__ = [
     "AsyncLLMFront",
+    "Capacity",
     "Completion",
     "Delta",
     "Front",

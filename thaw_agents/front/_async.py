@@ -32,6 +32,7 @@ from ._base import (
     engine_failure,
     engine_params,
 )
+from ._capacity import Capacity, read_capacity
 
 __all__ = ["AsyncLLMFront"]
 
@@ -194,6 +195,9 @@ class AsyncLLMFront(Front):
         if self._reply is None:
             self._reply = describe_reply(await self.arpc("thaw_describe"))
         return self._reply
+
+    def capacity(self) -> Capacity:
+        return read_capacity(self._engine_now())
 
     def _model_config(self) -> Any:
         return self._engine_now().model_config

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import ConfigError, EngineError, RequestTimeoutError, ThawError
 from .._kv_ranks import combine_rank_results
 from .._kvspec import KVSpec
+from ._capacity import Capacity
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -345,6 +346,10 @@ class Front:
 
         diff = self._model_config().get_diff_sampling_param()
         return SamplingParams.from_optional(**diff) if diff else SamplingParams()
+
+    def capacity(self) -> Capacity:
+        """The engine's free batch slots and KV blocks now (see :mod:`._capacity`)."""
+        raise NotImplementedError
 
     def prefix_caching(self) -> tuple[bool, int]:
         """Whether the engine caches prefixes, and its block size in tokens."""

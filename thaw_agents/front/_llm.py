@@ -28,6 +28,7 @@ from typing import Any
 
 from .._errors import EngineError
 from ._base import Collector, Front, Request, RequestTimeoutError, Result, engine_failure, engine_params
+from ._capacity import Capacity, read_capacity
 
 __all__ = ["LLMFront", "engine_lock"]
 
@@ -126,6 +127,9 @@ class LLMFront(Front):
     def _rpc(self, method: str, args: tuple[Any, ...]) -> list[Any]:
         with self.lock():
             return list(self.llm.collective_rpc(method, args=args))
+
+    def capacity(self) -> Capacity:
+        return read_capacity(self.llm.llm_engine)
 
     def _model_config(self) -> Any:
         return self.llm.llm_engine.model_config

@@ -51,8 +51,9 @@ class ForkPool:
     :func:`thaw_agents.make_llm`; :func:`fork_completions` hands it a share of a round's
     branches, round-robin by branch index over the ready workers, and a worker runs its share
     as one batch. On CPU the workers are pinned to separate cores unless you pinned them
-    (``VLLM_CPU_OMP_THREADS_BIND`` in ``worker_env``). On one host, the parent engine is often
-    the better place: see the README's "ForkPool rounds".
+    (``VLLM_CPU_OMP_THREADS_BIND`` in ``worker_env``). A round goes to the workers when the
+    parent engine has no room for it, or with ``placement="pool"``: on one host the parent is
+    the better place while it has room (see the README's "ForkPool rounds").
 
     Failures: every step has a timeout; a worker that dies or stops answering is killed and
     replaced, and its branches run once more on another worker (``BranchResult.attempts``);

@@ -56,7 +56,9 @@ class BranchResult:
             (smallest over the ``n`` samples).
         worker: ``"parent"`` or the worker's name (``"local-0"``, ``"ray-1"``).
         placement: ``"parent"`` (the parent's engine) or ``"worker"`` (a pool worker).
-        reason: why the branch ran there, in words.
+        reason: why the branch ran there, in words: the round's placement decision (``"auto:
+            parent has room (12 free slots >= 4 sequences, 300 free KV blocks >= 40 needed)"``),
+            then how the trunk reached the branch's engine.
         transport: how the trunk reached the engine: ``"prefix-cache"``, ``"shm"``,
             ``"store"``, ``"uri"``, ``"ray"``, or ``"none"`` (recomputed).
         attempts: 1, or 2 when the branch was retried after its worker died or hung.

@@ -1,19 +1,20 @@
 """``fork_completions``: compute a trunk once, run every branch from it, say where and why.
 
 A round: (1) tokenize, find the trunk (the longest common token prefix of the prompts, or
-``prefix=``); (2) without a pool, warm the trunk in the parent's prefix cache and run the
-branches there as one batch; with a pool, check the parent against the workers' KV spec,
-fork the trunk into a snapshot, ship it, and give each worker its share of the branches
+``prefix=``); (2) decide where it runs (``placement=``, see :mod:`._placement`: by default the
+parent when it has room, else the pool); (3) in the parent, warm the trunk in its prefix cache
+and run the branches there as one batch; in the pool, check the parent against the workers' KV
+spec, fork the trunk into a snapshot, ship it, and give each worker its share of the branches
 (round-robin over ready workers, so a round's batches are the same whether it runs alone or
-beside other rounds); (3) retry once, elsewhere, the branches of a worker that died or hung;
-(4) return one :class:`BranchResult` per branch in input order, or raise the first failure
-(with every failure and the partial results attached).
+beside other rounds), retrying once, elsewhere, the branches of a worker that died or hung;
+(4) return one :class:`BranchResult` per branch in input order, saying where it ran and why,
+or raise the first failure (with every failure and the partial results attached).
 
 Example:
     >>> prompts = [trunk + " Security review:", trunk + " Performance review:"]   # doctest: +SKIP
     >>> results = fork_completions(llm, prompts, SamplingParams(max_tokens=64), pool)  # doctest: +SKIP
-    >>> [(r.worker, r.num_cached_tokens) for r in results]                      # doctest: +SKIP
-    [('local-0', 992), ('local-1', 992)]
+    >>> [(r.worker, r.reason) for r in results]                                 # doctest: +SKIP
+    [('parent', 'auto: parent has room (256 free slots >= 2 sequences, ...'), ...]
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._errors import ConfigError, PoolError, SnapshotMismatchError
+from .._errors import ConfigError
 from .._fork import ForkHandle, fork
 from .._kvspec import KVSpec
-from .._manifest import check_compatible, derive_snapshot
+from .._manifest import derive_snapshot
 from .._store import snapshot_path, store_dir
 from ..front import Front, Request, front_for
 from ._dispatch import Outcome, dispatch
+from ._placement import PlacementChoice, check_spec, decide
 from ._pool import ForkPool
 from ._protocol import branch_reply, encode_sampling
 from ._results import BranchResult, BranchTimings, Completion
@@ -67,6 +69,7 @@ def fork_completions(
     *,
     prefix: Any = None,
     suffixes: Sequence[Prompt] | None = None,
+    placement: PlacementChoice = "auto",
     timeout_s: float | None = None,
 ) -> list[BranchResult]:
     """Run branches that share a trunk, computing the trunk once; results in input order.
@@ -82,9 +85,14 @@ def fork_completions(
         prefix: instead of ``prompts``: the trunk (string, token ids, chat messages, or a
             :class:`ForkHandle` already taken), with ``suffixes`` (strings or token ids).
         suffixes: each branch's text after the trunk.
+        placement: ``"auto"``: in the parent when it has free batch slots and KV blocks for
+            the whole round, else in the pool; ``"parent"``; ``"pool"`` (its workers, whatever
+            the parent has free). Each result's ``placement`` and ``reason`` say what was chosen
+            and why (``"worker"`` for the pool).
         timeout_s: a limit for the whole round (each step already has the pool's timeouts).
 
     Raises:
+        ConfigError: a bad ``placement``, or ``"pool"`` without a pool.
         SnapshotMismatchError: the parent (or ``prefix`` handle) differs from the pool's workers
             in model, dtype, block size or KV layout; raised before any branch runs.
         PoolError: a branch failed, also after its retry; ``.branch``, ``.worker`` and
@@ -100,9 +108,12 @@ def fork_completions(
     with front.lock():  # a vllm.LLM's tokenizer and engine are not for concurrent use
         plan = _plan(front, prompts, prefix, suffixes)
     params = _params(front, sampling_params, len(plan.prompts))
-    if pool is None:
-        return _in_parent(front, plan, params, round_start)
-    return _in_pool(front, plan, params, pool, round_start, timeout_s)
+    decision = decide(front, plan.trunk, plan.prompts, params, pool, placement)
+    logger.debug("round of %d branches: %s (%s)", len(plan.prompts), decision.target, decision.reason)
+    if decision.target == "parent":
+        return _in_parent(front, plan, params, round_start, decision.reason)
+    assert pool is not None
+    return _in_pool(front, plan, params, pool, round_start, timeout_s, decision.reason)
 
 
 async def afork_completions(*args: Any, **kwargs: Any) -> list[BranchResult]:
@@ -167,7 +178,7 @@ def _params(front: Front, sampling_params: Any, count: int) -> list[SamplingPara
 
 # -- the parent engine --------------------------------------------------------------------------
 def _in_parent(
-    front: Front, plan: _Plan, params: list[SamplingParams], round_start: float
+    front: Front, plan: _Plan, params: list[SamplingParams], round_start: float, why: str
 ) -> list[BranchResult]:
     from vllm import SamplingParams
 
@@ -175,19 +186,17 @@ def _in_parent(
     with front.lock():
         if plan.handle is not None:
             plan.handle.hydrate(front)
-            reason = "no pool: ran in the parent engine, trunk loaded from the given snapshot"
+            reason = f"{why}; trunk loaded from the given snapshot"
         elif not caching:
-            reason = "no pool, and prefix caching is off: every branch recomputes the trunk"
+            reason = f"{why}; prefix caching is off: every branch recomputes the trunk"
         elif len(plan.trunk) < block_size:
-            reason = (
-                f"no pool: ran in the parent engine (the trunk is shorter than one {block_size}-token block)"
-            )
+            reason = f"{why}; the trunk is shorter than one {block_size}-token block"
         else:
             # One pass over the trunk fills the prefix cache; branches in the same batch would
             # otherwise each compute it (blocks are shared only once computed).
             warm = Request(token_ids=plan.trunk, params=SamplingParams(max_tokens=1, temperature=0.0))
             front.generate([warm], stream=False)
-            reason = "no pool: ran in the parent engine, whose prefix cache holds the trunk (no copy)"
+            reason = f"{why}; the parent's prefix cache holds the trunk (no copy)"
         trunk_s = time.perf_counter() - round_start
         requests = [Request(token_ids=p, params=sp) for p, sp in zip(plan.prompts, params, strict=True)]
         replies = [branch_reply(i, r) for i, r in enumerate(front.generate(requests))]
@@ -224,15 +233,14 @@ def _in_pool(
     pool: ForkPool,
     round_start: float,
     timeout_s: float | None,
+    why: str,
 ) -> list[BranchResult]:
     spec = pool.spec  # raises if the pool is not started
-    if pool.closed:
-        raise PoolError("the pool is closed")
     encoded = [encode_sampling(p) for p in params]
     with front.lock():
         if plan.handle is None:
             parent_spec = front.kv_spec()
-            _check(parent_spec, spec, "the parent engine")  # before computing anything
+            check_spec(parent_spec, spec, "the parent engine")  # before computing anything
             handle, owned = _fork_trunk(front, plan.trunk, parent_spec)
         else:
             handle, owned = plan.handle, None
@@ -240,7 +248,7 @@ def _in_pool(
     shipment: Shipment | None = None
     try:
         if handle is not None:
-            _check(handle.spec, spec, f"the trunk snapshot {handle.path}")  # its manifest vs the workers
+            check_spec(handle.spec, spec, f"the trunk snapshot {handle.path}")  # its manifest vs the workers
             shipment = _ship(pool, handle)
         ship_s = time.perf_counter() - round_start - trunk_s
         jobs = [
@@ -254,20 +262,7 @@ def _in_pool(
             shipment.cleanup()
         if owned is not None:
             _release(owned)
-    return _collect(plan, outcome, handle, shipment, trunk_s, ship_s, round_start, pool)
-
-
-def _check(parent: KVSpec, workers: KVSpec, what: str) -> None:
-    try:
-        check_compatible(parent, workers)
-    except SnapshotMismatchError as exc:
-        raise SnapshotMismatchError(
-            exc.field,
-            exc.expected,
-            exc.actual,
-            hint=f"{what} differs from the pool's workers; start the pool with the parent's model and "
-            "engine overrides (dtype, block_size)",
-        ) from None
+    return _collect(plan, outcome, handle, shipment, trunk_s, ship_s, round_start, pool, why)
 
 
 def _fork_trunk(front: Front, trunk: list[int], spec: KVSpec) -> tuple[ForkHandle | None, Path | None]:
@@ -316,6 +311,7 @@ def _collect(
     ship_s: float,
     round_start: float,
     pool: ForkPool,
+    why: str,
 ) -> list[BranchResult]:
     transport = shipment.transport if shipment else "none"
     results: list[BranchResult | None] = []
@@ -328,7 +324,7 @@ def _collect(
         hydrate = task_reply["hydrate"] or {}
         batch_s = task_reply["generate"]["generate_s"]
         reply_s = task_reply["replied_at"] - round_start
-        reason = _reason(pool, out, index, worker, transport, handle)
+        reason = f"{why}; " + _reason(pool, out, index, worker, transport, handle)
         timings = BranchTimings(
             trunk_s=trunk_s,
             ship_s=ship_s,
