@@ -113,6 +113,7 @@ async def fork_fanout(
     suffixes: Iterable[str | MessagesLike],
     *,
     pool: thaw_agents.ForkPool | None = None,
+    placement: str = "auto",
     **params: Any,
 ) -> list[AIMessage]:
     """Run one branch per suffix from a shared trunk computed once; results in input order.
@@ -127,11 +128,14 @@ async def fork_fanout(
         llm: the ChatThaw to run on.
         prefix_messages: the shared trunk.
         suffixes: per branch, a human message text or a list of messages appended to the trunk.
-        pool: a started :class:`thaw_agents.ForkPool` (same model and KV layout): the branches
-            run on its warm workers, which load the trunk from the snapshot. Without one, or for
-            calls with tools or structured output, they run in ``llm``'s own engine. Not with a
-            ChatThaw against a server (``base_url``): its branches run on that server, which
-            batches them, each starting from the trunk's snapshot by id.
+        pool: a started :class:`thaw_agents.ForkPool` (same model and KV layout) whose warm
+            workers can run the branches, loading the trunk from the snapshot. Without one, or
+            for calls with tools or structured output, they run in ``llm``'s own engine. Not
+            with a ChatThaw against a server (``base_url``): its branches run on that server,
+            which batches them, each starting from the trunk's snapshot by id.
+        placement: with a pool, ``"auto"`` runs the branches in ``llm``'s engine when it has
+            room for them and on the pool otherwise (the rule of
+            :func:`thaw_agents.fork_completions`); ``"pool"`` or ``"parent"`` force one.
         **params: per-call sampling parameters for every branch (``max_tokens``, ``temperature``...).
 
     Example:
@@ -139,6 +143,10 @@ async def fork_fanout(
     """
     prefix = list(convert_to_messages(prefix_messages))
     branches = [_as_branch(s) for s in suffixes]
+    if placement not in ("auto", "parent", "pool"):
+        raise thaw_agents.ConfigError(f"placement must be 'auto', 'parent' or 'pool', not {placement!r}")
+    if placement == "pool" and pool is None:
+        raise thaw_agents.ConfigError("placement='pool' needs a pool: pass pool=ForkPool(...)")
     if pool is not None and llm.base_url is not None:
         raise thaw_agents.ConfigError(
             "a ForkPool runs branches in local workers; a ChatThaw with base_url runs them on its "
@@ -147,24 +155,31 @@ async def fork_fanout(
     start = time.perf_counter()
     handle = await asyncio.to_thread(_snapshot, llm, prefix, params.get("tools"))
     fork_s = time.perf_counter() - start
-    if pool is not None and handle is not None and not ({"tools", "structured_outputs"} & params.keys()):
-        pooled = await _on_pool(llm, pool, handle, prefix, branches, params, fork_s)
+    decided = None
+    pooled_ok = pool is not None and placement != "parent" and handle is not None
+    if pooled_ok and not ({"tools", "structured_outputs"} & params.keys()):
+        assert pool is not None and handle is not None
+        pooled, decided = await _on_pool(llm, pool, handle, prefix, branches, params, fork_s, placement)
         if pooled is not None:
             return pooled
-    placement = "engine" if llm.base_url is None else "server"
+    where = "engine" if llm.base_url is None else "server"
     reason = "the branches fit in the trunk's own engine; its prefix cache and the snapshot serve the trunk"
     if llm.base_url is not None:
         reason = f"the trunk's engine is the server {llm.base_url}; its snapshot serves the trunk by id"
     if pool is not None:
-        reason = "a pool is attached, but these calls need the parent engine (tools, structured output)"
-    logger.debug("fork_fanout: %d branches on %s (%s)", len(branches), placement, reason)
+        reason = decided or (
+            "placement='parent'"
+            if placement == "parent"
+            else "a pool is attached, but these calls need the parent engine (tools, structured output)"
+        )
+    logger.debug("fork_fanout: %d branches on %s (%s)", len(branches), where, reason)
 
     async def run(branch: list[BaseMessage]) -> AIMessage:
         started = time.perf_counter()
         message = await llm.ainvoke([*prefix, *branch], fork=handle, **params)
         message.response_metadata.update(
             {
-                "placement": placement,
+                "placement": where,
                 "placement_reason": reason,
                 "fork": handle.id if handle else None,
                 "branch_s": time.perf_counter() - started,
@@ -182,6 +197,7 @@ def fork_fanout_sync(
     suffixes: Iterable[str | MessagesLike],
     *,
     pool: thaw_agents.ForkPool | None = None,
+    placement: str = "auto",
     **params: Any,
 ) -> list[AIMessage]:
     """The synchronous twin of :func:`fork_fanout` (callable from any thread, even inside a loop).
@@ -191,7 +207,9 @@ def fork_fanout_sync(
     """
     from ._runtime import runtime
 
-    return runtime.run(fork_fanout(llm, prefix_messages, list(suffixes), pool=pool, **params))
+    return runtime.run(
+        fork_fanout(llm, prefix_messages, list(suffixes), pool=pool, placement=placement, **params)
+    )
 
 
 async def _on_pool(
@@ -202,11 +220,14 @@ async def _on_pool(
     branches: list[list[BaseMessage]],
     params: dict[str, Any],
     fork_s: float,
-) -> list[AIMessage] | None:
-    """Run the branches on the pool's workers; None when they must run in the parent instead."""
+    placement: str,
+) -> tuple[list[AIMessage] | None, str | None]:
+    """Run the branches on the pool's workers; (None, why) when they run in the parent instead."""
     from vllm import SamplingParams
 
     from thaw_agents.chat import to_openai_messages
+    from thaw_agents.front import front_for
+    from thaw_agents.pool._placement import decide
 
     from ._request import SAMPLING_FIELDS, prompt_token_ids
 
@@ -216,12 +237,24 @@ async def _on_pool(
         ids = await prompt_token_ids(engine, to_openai_messages([*prefix, *branch]))
         if tuple(ids[: handle.num_tokens]) != handle.token_ids:
             logger.warning("fork_fanout: a branch does not start with the trunk's tokens; using the engine")
-            return None
+            return None, "a branch does not start with the trunk's tokens: the parent engine"
         suffixes.append(ids[handle.num_tokens :])
     values = llm._default_sampling()
     values.update({k: v for k, v in params.items() if k in SAMPLING_FIELDS and v is not None})
     stop = params.get("stop", llm.stop)
     sampling = SamplingParams(**values, stop=list(stop or []))
+    trunk = list(handle.token_ids)
+    decision = await asyncio.to_thread(
+        decide,
+        front_for(llm),
+        trunk,
+        [trunk + s for s in suffixes],
+        [sampling] * len(suffixes),
+        pool,
+        placement,
+    )
+    if decision.target == "parent":
+        return None, decision.reason
     results = await asyncio.to_thread(
         thaw_agents.fork_completions,
         llm,
@@ -229,7 +262,7 @@ async def _on_pool(
         suffixes=suffixes,
         sampling_params=sampling,
         pool=pool,
-        placement="pool",  # with a pool attached, fork_fanout runs its branches there
+        placement="pool",  # decided above
     )
     messages = []
     for result in results:
@@ -250,7 +283,8 @@ async def _on_pool(
                     "finish_reason": completion.finish_reason,
                     "placement": "pool",
                     "worker": result.worker,
-                    "placement_reason": result.reason,
+                    # the round's own "placement='pool'" replaced by the decision made here
+                    "placement_reason": f"{decision.reason}; {result.reason.split('; ', 1)[-1]}",
                     "fork": handle.id,
                     "fork_s": fork_s,
                     "ttft_s": result.timings.ttft_s,
@@ -258,7 +292,7 @@ async def _on_pool(
             )
         )
     logger.debug("fork_fanout: %d branches on the pool", len(messages))
-    return messages
+    return messages, decision.reason
 
 
 def fork_sends(

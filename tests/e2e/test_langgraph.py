@@ -170,8 +170,16 @@ def test_fork_fanout_places_branches_on_an_attached_pool(tiny_fp32: ChatThaw) ->
     solo = [tiny_fp32.invoke([*trunk, HumanMessage(s)]).content for s in suffixes]
     engine_args = tiny_fp32.engine_kwargs
     with thaw_agents.ForkPool(model=tiny_fp32.model, workers=1, **engine_args) as pool:
-        replies = fork_fanout_sync(tiny_fp32, trunk, suffixes, pool=pool)
+        replies = fork_fanout_sync(tiny_fp32, trunk, suffixes, pool=pool, placement="pool")
+        # Left to choose, two short branches fit the parent engine: they run there and say why.
+        chosen = fork_fanout_sync(tiny_fp32, trunk, suffixes, pool=pool)
+        with pytest.raises(thaw_agents.ConfigError, match="placement must be"):
+            fork_fanout_sync(tiny_fp32, trunk, suffixes, pool=pool, placement="gpu")
+    assert [r.response_metadata["placement"] for r in chosen] == ["engine", "engine"]
+    assert all(r.response_metadata["placement_reason"].startswith("auto: parent has room") for r in chosen)
+    assert [r.content for r in chosen] == solo
     assert [r.response_metadata["placement"] for r in replies] == ["pool", "pool"]
+    assert all(r.response_metadata["placement_reason"].startswith("placement='pool'; ") for r in replies)
     assert all(r.response_metadata["worker"].startswith("local-") for r in replies)
     snapshot_tokens = thaw_agents.fork(tiny_fp32, trunk).num_snapshot_tokens
     # Every branch is served mostly from the snapshot (the worker may recompute a trailing block).
