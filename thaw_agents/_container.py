@@ -45,6 +45,7 @@ from ._validate import (
     pread_all,
     region_digest,
     want_dict,
+    want_fields,
     want_hex,
     want_int,
     want_list,
@@ -383,9 +384,7 @@ def _check_version(header: Any, path: str) -> None:
     """The version first: a file of another version is named as such, whatever else changed."""
     if type(header) is not dict:
         raise SnapshotFormatError("header is not a JSON object", path=path)
-    for key in ("format", "format_version"):
-        if key not in header:
-            raise SnapshotFormatError(f"header lacks the field {key!r}", path=path)
+    want_fields(header, "header", path, ("format", "format_version"))
     if header["format"] != "thaw":
         raise SnapshotFormatError(f"format is {describe(header['format'])}, expected 'thaw'", path=path)
     version = want_int(header["format_version"], "header field 'format_version'", path)
@@ -405,9 +404,7 @@ def _check_version(header: Any, path: str) -> None:
 
 
 def _check_schema(header: dict[str, Any], path: str) -> None:
-    for key in CONTAINER_FIELDS:
-        if key not in header:
-            raise SnapshotFormatError(f"header lacks the field {key!r}", path=path)
+    want_fields(header, "header", path, CONTAINER_FIELDS)
     kind = want_str(header["kind"], "header field 'kind'", path, max_len=64)
     if not _KIND_RE.fullmatch(kind) or kind in CONTAINER_FIELDS:
         raise SnapshotFormatError(f"kind {describe(kind)} is not a kind name", path=path)
@@ -434,10 +431,7 @@ def _parse_regions(header: dict[str, Any], path: str) -> Iterable[Region]:
     expected_offset = 0
     for index, entry in enumerate(header["regions"]):
         what = f"region {index}"
-        want_dict(entry, what, path)
-        for key in ("name", "offset", "nbytes", "checksum"):
-            if key not in entry:
-                raise SnapshotFormatError(f"{what} lacks the field {key!r}", path=path)
+        want_fields(entry, what, path, ("name", "offset", "nbytes", "checksum"))
         region = Region(
             name=want_str(entry["name"], f"{what} name", path),
             offset=want_int(entry["offset"], f"{what} offset", path),
