@@ -27,7 +27,9 @@ from typing import Any
 import blake3
 import numpy as np
 
-from ._container import Container, RegionData, read_container, write_container
+from ._container import Container, RegionData
+from ._container_reader import read_container
+from ._container_writer import write_container
 from ._errors import SnapshotFormatError, SnapshotMismatchError
 from ._kv_ranks import write_rank_share
 from ._kvspec import HASH_SCHEME, KVSpec, chain_keys

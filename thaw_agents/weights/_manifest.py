@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from .._container import Container, Region, canonical_json, container_header, read_container
+from .._container import Container, Region, canonical_json, container_header
+from .._container_reader import read_container
 from .._errors import SnapshotFormatError, SnapshotMismatchError
 from .._validate import describe, dtype_itemsize, want_fields, want_hex, want_list, want_shape, want_str
 
