@@ -14,61 +14,51 @@ JSON, the payload raw tensor bytes. The reader validates in a fixed order (magic
 size, UTF-8 + JSON, version, schema, offsets, then checksums on demand), each step with its
 own error class, before any payload byte is trusted. The writer is deterministic, atomic
 (temporary name, fsync, rename) and leaves files readable by their owner only.
+
+Three modules:
+
+* this one, the layout: the format's constants, :class:`Region` and :class:`Container`, a
+  region's checksum, a header as written (:func:`container_header`, :func:`encode_header`);
+* :mod:`thaw_agents._container_reader`: :func:`read_container` (the header, validated) and
+  :func:`verify_regions` (the payload's checksums);
+* :mod:`thaw_agents._container_writer`: :func:`write_container` and the write helpers the
+  tensor-parallel writer shares (:func:`write_parts`, :func:`fsync_dir`).
+
+Example:
+    >>> header = container_header("test", {"note": "hi"}, [Region(name="a", offset=0, nbytes=4,
+    ...                           checksum=checksum(b"abcd"))])
+    >>> len(encode_header(header)) % PAYLOAD_ALIGN
+    0
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import struct
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import blake3
 
-from ._errors import (
-    SnapshotChecksumError,
-    SnapshotFormatError,
-    SnapshotTruncatedError,
-    SnapshotVersionError,
-    write_failed,
-)
-from ._threads import in_parts
-from ._validate import (
-    CHUNK_NBYTES,
-    describe,
-    loads_bounded,
-    open_regular,
-    pread_all,
-    region_digest,
-    want_dict,
-    want_hex,
-    want_int,
-    want_list,
-    want_str,
-)
-
 __all__ = [
+    "CHECKSUM_ALGORITHM",
     "CONTAINER_FIELDS",
     "FORMAT_VERSION",
+    "KIND_RE",
     "MAGIC",
+    "MAX_HEADER_NBYTES",
     "PAYLOAD_ALIGN",
+    "PREFIX",
     "Container",
     "Region",
+    "RegionData",
     "canonical_json",
     "checksum",
     "container_header",
     "encode_header",
-    "fsync_dir",
-    "read_container",
     "region_parts",
-    "verify_regions",
-    "write_container",
-    "write_parts",
 ]
 
 MAGIC = b"THAWSNAP"
@@ -86,20 +76,16 @@ CONTAINER_FIELDS = (
     "payload_nbytes",
     "regions",
 )
-_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
-_REMEDY = {
-    "kv": "KV snapshots are caches: fork the prefix again with this thaw-agents",
-    "weights": "freeze the model again with this thaw-agents (thaw-agents freeze MODEL -o FILE)",
-}
+# A kind's name, which is also its key in the header.
+KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 PAYLOAD_ALIGN = 4096
 # A header is a manifest, not data. A KV header costs ~20 bytes per token at block size 16
 # (the token id, and per block a chain key and a region entry), so 16 MiB fits ~800k tokens;
 # a weights header ~200 bytes per tensor. Together with the structure bounds of
 # _validate.loads_bounded it keeps a hostile header to a fraction of a second and ~100 MB.
 MAX_HEADER_NBYTES = 16 << 20
-# Regions are hashed through a buffer of this size: memory does not follow a declared size.
-_VERIFY_CHUNK_NBYTES = CHUNK_NBYTES
-_PREFIX = struct.Struct("<8sQ")
+# Magic and header length, before the JSON header.
+PREFIX = struct.Struct("<8sQ")
 CHECKSUM_ALGORITHM = "blake3"
 
 
@@ -180,7 +166,7 @@ def container_header(kind: str, meta: dict[str, Any], regions: Sequence[Region])
     Raises:
         ValueError: ``kind`` is not a short lowercase name, or is a container field's name.
     """
-    if not _KIND_RE.fullmatch(kind) or kind in CONTAINER_FIELDS:
+    if not KIND_RE.fullmatch(kind) or kind in CONTAINER_FIELDS:
         raise ValueError(f"kind {kind!r} must be a short lowercase name other than {CONTAINER_FIELDS}")
     from . import __version__
 
@@ -200,309 +186,6 @@ def encode_header(header: dict[str, Any]) -> bytes:
     """What precedes the payload: magic, length, the JSON header space-padded so the payload
     starts ``PAYLOAD_ALIGN``-aligned."""
     raw = canonical_json(header)
-    total = _PREFIX.size + len(raw)
+    total = PREFIX.size + len(raw)
     padded = -(-total // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
-    return _PREFIX.pack(MAGIC, padded - _PREFIX.size) + raw + b" " * (padded - total)
-
-
-def write_container(
-    path: str | os.PathLike[str],
-    kind: str,
-    meta: dict[str, Any],
-    regions: Sequence[tuple[str, RegionData]],
-    *,
-    fsync: bool = True,
-) -> Container:
-    """Write a container atomically: ``path`` either appears complete or not at all.
-
-    Args:
-        path: destination file; its directory must exist.
-        kind: what the payload is (``"kv"``, ``"weights"``).
-        meta: the kind's own fields (JSON-serialisable), stored under ``header[kind]``.
-        regions: (name, bytes or a sequence of buffers written back to back) in payload
-            order; checksummed here.
-        fsync: flush to stable storage before the rename (off for shared memory).
-    """
-    path = os.fspath(path)
-    entries: list[Region] = []
-    offset = 0
-    parted = [(name, region_parts(data)) for name, data in regions]
-    for name, parts in parted:
-        nbytes = sum(p.nbytes for p in parts)
-        entries.append(Region(name=name, offset=offset, nbytes=nbytes, checksum=checksum(parts)))
-        offset += nbytes
-    header = container_header(kind, meta, entries)
-    blob = encode_header(header)
-    directory = os.path.dirname(path) or "."
-    try:
-        # The pid in the name lets a store tell a dead writer's leftovers from a live one's.
-        fd, tmp = tempfile.mkstemp(prefix=f".thaw-{os.getpid()}-", suffix=".partial", dir=directory)
-    except OSError as exc:
-        raise write_failed(path, exc) from exc
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb", buffering=0) as handle:
-            _write_all(handle, blob)
-            for _, parts in parted:
-                write_parts(handle.fileno(), parts)
-            if fsync:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        if fsync:
-            fsync_dir(directory)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise write_failed(path, exc, len(blob) + offset) from exc
-        raise
-    return Container(
-        path=path,
-        header=header,
-        regions=tuple(entries),
-        payload_offset=len(blob),
-        payload_nbytes=offset,
-    )
-
-
-def write_parts(fd: int, parts: list[memoryview], offset: int | None = None) -> None:
-    """Write every byte of ``parts`` back to back: at the file position, or at ``offset``
-    (``pwritev``, the position untouched); short writes are resumed."""
-    pending = [p for p in parts if p.nbytes]
-    while pending:
-        if offset is None:
-            written = os.writev(fd, pending[:512])
-        else:
-            written = os.pwritev(fd, pending[:512], offset)
-            offset += max(written, 0)
-        if written <= 0:
-            raise OSError("short write")
-        while pending and written >= pending[0].nbytes:
-            written -= pending[0].nbytes
-            pending.pop(0)
-        if written:
-            pending[0] = pending[0][written:]
-
-
-def _write_all(handle: BinaryIO, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view.nbytes:
-        written = handle.write(view)
-        if not written:
-            raise OSError("short write")
-        view = view[written:]
-
-
-def fsync_dir(directory: str | os.PathLike[str]) -> None:
-    """Flush a folder's entries (a rename into it); quietly skipped where a file system refuses."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (tmpfs, network) refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
-def read_container(
-    path: str | os.PathLike[str], *, expect_kind: str | None = None, follow_symlinks: bool = True
-) -> Container:
-    """Read and validate a container's header; the payload is checked for size, not content.
-
-    Validation order: a regular file (never a FIFO, device, socket or directory; no symlink
-    when ``follow_symlinks`` is False), magic, header size, alignment, bounded UTF-8 JSON,
-    format version, schema with strict types (the container's fields and one object under
-    the kind's name, nothing else), kind, region offsets (contiguous, covering the payload
-    exactly), file size. Use :func:`verify_regions` to check the checksums.
-
-    Raises:
-        SnapshotNotFoundError, SnapshotFormatError, SnapshotVersionError,
-        SnapshotTruncatedError, SnapshotReadError
-    """
-    path = os.fsdecode(path)
-    fd = open_regular(path, follow_symlinks=follow_symlinks)
-    try:
-        file_nbytes = os.fstat(fd).st_size
-        prefix = pread_all(fd, _PREFIX.size, 0, path)
-        if len(prefix) < _PREFIX.size:
-            raise SnapshotTruncatedError(
-                f"file is {file_nbytes} bytes, shorter than the 16-byte prefix", path=path
-            )
-        magic, header_nbytes = _PREFIX.unpack(prefix)
-        if magic != MAGIC:
-            raise SnapshotFormatError(f"not a thaw snapshot (magic {magic!r}, expected {MAGIC!r})", path=path)
-        if header_nbytes > MAX_HEADER_NBYTES or header_nbytes == 0:
-            raise SnapshotFormatError(
-                f"header size {header_nbytes} is outside 1..{MAX_HEADER_NBYTES} bytes", path=path
-            )
-        if _PREFIX.size + header_nbytes > file_nbytes:
-            raise SnapshotTruncatedError(
-                f"header claims {header_nbytes} bytes but the file has {file_nbytes}", path=path
-            )
-        if (_PREFIX.size + header_nbytes) % PAYLOAD_ALIGN:
-            # The payload is mapped and read with O_DIRECT: both need page-aligned offsets.
-            raise SnapshotFormatError(
-                f"the payload starts at byte {_PREFIX.size + header_nbytes}, not "
-                f"{PAYLOAD_ALIGN}-aligned: not written by thaw-agents; re-create the file",
-                path=path,
-            )
-        blob = pread_all(fd, header_nbytes, _PREFIX.size, path)
-        if len(blob) < header_nbytes:
-            raise SnapshotTruncatedError("the file shrank while its header was read", path=path)
-    finally:
-        os.close(fd)
-    header = loads_bounded(blob, path)
-    del blob
-    _check_version(header, path)
-    _check_schema(header, path)
-    if expect_kind is not None and header["kind"] != expect_kind:
-        raise SnapshotFormatError(f"this is a {header['kind']!r} file, expected {expect_kind!r}", path=path)
-    regions = tuple(_parse_regions(header, path))
-    payload_offset = _PREFIX.size + header_nbytes
-    payload_nbytes = header["payload_nbytes"]
-    actual = file_nbytes - payload_offset
-    if actual < payload_nbytes:
-        raise SnapshotTruncatedError(
-            f"payload is {actual} bytes, the header says {payload_nbytes}: the file was cut short",
-            path=path,
-        )
-    if actual > payload_nbytes:
-        raise SnapshotFormatError(f"{actual - payload_nbytes} unexpected bytes after the payload", path=path)
-    return Container(
-        path=path,
-        header=header,
-        regions=regions,
-        payload_offset=payload_offset,
-        payload_nbytes=payload_nbytes,
-    )
-
-
-def _check_version(header: Any, path: str) -> None:
-    """The version first: a file of another version is named as such, whatever else changed."""
-    if type(header) is not dict:
-        raise SnapshotFormatError("header is not a JSON object", path=path)
-    for key in ("format", "format_version"):
-        if key not in header:
-            raise SnapshotFormatError(f"header lacks the field {key!r}", path=path)
-    if header["format"] != "thaw":
-        raise SnapshotFormatError(f"format is {describe(header['format'])}, expected 'thaw'", path=path)
-    version = want_int(header["format_version"], "header field 'format_version'", path)
-    if version == FORMAT_VERSION:
-        return
-    kind = header.get("kind")
-    if version > FORMAT_VERSION:
-        remedy = "upgrade thaw-agents to read it"
-    elif isinstance(kind, str) and kind in _REMEDY:
-        remedy = _REMEDY[kind]
-    else:
-        remedy = "re-create it with this thaw-agents"
-    raise SnapshotVersionError(
-        f"format version {version}; this thaw-agents reads version {FORMAT_VERSION} only: {remedy}",
-        path=path,
-    )
-
-
-def _check_schema(header: dict[str, Any], path: str) -> None:
-    for key in CONTAINER_FIELDS:
-        if key not in header:
-            raise SnapshotFormatError(f"header lacks the field {key!r}", path=path)
-    kind = want_str(header["kind"], "header field 'kind'", path, max_len=64)
-    if not _KIND_RE.fullmatch(kind) or kind in CONTAINER_FIELDS:
-        raise SnapshotFormatError(f"kind {describe(kind)} is not a kind name", path=path)
-    extra = sorted(set(header) - {*CONTAINER_FIELDS, kind})
-    if extra:
-        raise SnapshotFormatError(
-            f"header holds fields outside the container and its {kind!r} object: {describe(extra)}",
-            path=path,
-        )
-    if kind not in header:
-        raise SnapshotFormatError(f"header lacks the {kind!r} object of its kind", path=path)
-    want_dict(header[kind], f"header field {kind!r}", path)
-    want_str(header["checksum_algorithm"], "header field 'checksum_algorithm'", path)
-    want_str(header["created_by"], "header field 'created_by'", path)
-    want_int(header["payload_nbytes"], "header field 'payload_nbytes'", path)
-    want_list(header["regions"], "header field 'regions'", path)
-    if header["checksum_algorithm"] != CHECKSUM_ALGORITHM:
-        raise SnapshotFormatError(
-            f"unknown checksum algorithm {describe(header['checksum_algorithm'])}", path=path
-        )
-
-
-def _parse_regions(header: dict[str, Any], path: str) -> Iterable[Region]:
-    expected_offset = 0
-    for index, entry in enumerate(header["regions"]):
-        what = f"region {index}"
-        want_dict(entry, what, path)
-        for key in ("name", "offset", "nbytes", "checksum"):
-            if key not in entry:
-                raise SnapshotFormatError(f"{what} lacks the field {key!r}", path=path)
-        region = Region(
-            name=want_str(entry["name"], f"{what} name", path),
-            offset=want_int(entry["offset"], f"{what} offset", path),
-            nbytes=want_int(entry["nbytes"], f"{what} nbytes", path),
-            checksum=want_hex(entry["checksum"], f"{what} checksum", path),
-        )
-        if region.offset != expected_offset:
-            raise SnapshotFormatError(
-                f"region {index} ({describe(region.name)}) starts at {region.offset}, expected "
-                f"{expected_offset}: regions must be contiguous",
-                path=path,
-            )
-        expected_offset += region.nbytes
-        yield region
-    if expected_offset != header["payload_nbytes"]:
-        raise SnapshotFormatError(
-            f"regions cover {expected_offset} bytes but payload_nbytes is {header['payload_nbytes']}",
-            path=path,
-        )
-
-
-def verify_regions(
-    container: Container, indices: Iterable[int] | None = None, *, follow_symlinks: bool = True
-) -> None:
-    """Check the checksums of the given regions (default: all).
-
-    Reads in chunks of at most 8 MiB into one reused buffer, so memory does not grow with
-    a region's declared size; the file is reopened as a regular file like the header was.
-
-    Raises:
-        SnapshotChecksumError: naming the first region whose bytes differ.
-        SnapshotTruncatedError: the file shrank since its header was read.
-    """
-    wanted = range(len(container.regions)) if indices is None else indices
-    path = container.path
-    fd = open_regular(path, follow_symlinks=follow_symlinks)
-    try:
-        end = container.payload_offset + container.payload_nbytes
-        if os.fstat(fd).st_size < end:
-            raise SnapshotTruncatedError(
-                "the file shrank since its header was read; fetch or re-create it", path=path
-            )
-
-        def first_bad(part: list[int]) -> int | None:
-            buffer = bytearray(min(_VERIFY_CHUNK_NBYTES, max(1, container.payload_nbytes)))
-            view = memoryview(buffer)
-            for index in part:
-                region = container.regions[index]
-                digest = region_digest(
-                    fd, container.payload_offset + region.offset, region.nbytes, view, path
-                )
-                if digest != region.checksum:
-                    return index
-            return None
-
-        # Parts in parallel (reads and hashing release the GIL); the first bad region is named.
-        bad = [index for index in in_parts(first_bad, wanted) if index is not None]
-        if bad:
-            index = bad[0]
-            raise SnapshotChecksumError(
-                f"region {index} ({describe(container.regions[index].name)}) does not match its "
-                "checksum: the file is corrupt. Re-create the snapshot or fetch it again.",
-                path=path,
-                region=index,
-            )
-    finally:
-        os.close(fd)
+    return PREFIX.pack(MAGIC, padded - PREFIX.size) + raw + b" " * (padded - total)

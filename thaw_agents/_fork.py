@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._container import verify_regions
+from ._container_reader import verify_regions
 from ._errors import (
     ConfigError,
     EngineError,

@@ -39,10 +39,9 @@ from ._container import (
     checksum,
     container_header,
     encode_header,
-    fsync_dir,
     region_parts,
-    write_parts,
 )
+from ._container_writer import fsync_dir, write_parts
 from ._errors import SnapshotFormatError, write_failed
 
 __all__ = ["combine_rank_results", "write_rank_share"]

@@ -32,7 +32,7 @@ import blake3
 import numpy as np
 
 from ._errors import SnapshotFormatError
-from ._validate import dtype_itemsize, want_dict, want_int, want_list, want_shape, want_str
+from ._validate import dtype_itemsize, want_fields, want_int, want_list, want_shape, want_str
 
 __all__ = ["HASH_SCHEME", "KVSpec", "LayerSpec", "chain_keys", "kv_head_slices", "model_fingerprint"]
 
@@ -148,22 +148,20 @@ _MAX_LAYERS = 4096
 _MAX_BLOCK_SIZE = 1 << 16
 _MAX_RANKS = 1024
 _MAX_HEADS = 1 << 16
+_SPEC_FIELDS = (
+    "model_name",
+    "model_fingerprint",
+    "vllm_version",
+    "platform",
+    "kv_layout",
+    "dtype",
+    "block_size",
+    "layers",
+)
 
 
 def _spec_from_json(cls: type[KVSpec], data: Any) -> KVSpec:
-    data = want_dict(data, "kv_spec", None)
-    for key in (
-        "model_name",
-        "model_fingerprint",
-        "vllm_version",
-        "platform",
-        "kv_layout",
-        "dtype",
-        "block_size",
-        "layers",
-    ):
-        if key not in data:
-            raise SnapshotFormatError(f"kv_spec lacks the field {key!r}")
+    data = want_fields(data, "kv_spec", None, _SPEC_FIELDS)
     dtype = want_str(data["dtype"], "kv_spec.dtype", None)
     itemsize = dtype_itemsize(dtype, "kv_spec.dtype", None)
     raw_layers = want_list(data["layers"], "kv_spec.layers", None)
@@ -172,10 +170,7 @@ def _spec_from_json(cls: type[KVSpec], data: Any) -> KVSpec:
     layers = []
     for index, raw in enumerate(raw_layers):
         what = f"kv_spec.layers[{index}]"
-        raw = want_dict(raw, what, None)
-        for key in ("name", "block_shape", "block_nbytes"):
-            if key not in raw:
-                raise SnapshotFormatError(f"{what} lacks the field {key!r}")
+        raw = want_fields(raw, what, None, ("name", "block_shape", "block_nbytes"))
         shape = want_shape(raw["block_shape"], f"{what}.block_shape", None)
         nbytes = want_int(raw["block_nbytes"], f"{what}.block_nbytes", None)
         if nbytes != math.prod(shape) * itemsize:
@@ -207,9 +202,7 @@ def _tensor_parallel_from_json(data: dict[str, Any]) -> tuple[int, tuple[tuple[i
     """``tensor_parallel_size`` (absent: 1) and one ``[start, stop)`` of KV heads per rank."""
     if "tensor_parallel_size" not in data and "kv_head_slices" not in data:
         return 1, ()
-    for key in ("tensor_parallel_size", "kv_head_slices"):
-        if key not in data:
-            raise SnapshotFormatError(f"kv_spec lacks the field {key!r}")
+    want_fields(data, "kv_spec", None, ("tensor_parallel_size", "kv_head_slices"))
     size = want_int(data["tensor_parallel_size"], "kv_spec.tensor_parallel_size", None, lo=2, hi=_MAX_RANKS)
     raw = want_list(data["kv_head_slices"], "kv_spec.kv_head_slices", None)
     if len(raw) != size:

@@ -27,12 +27,23 @@ from typing import Any
 import blake3
 import numpy as np
 
-from ._container import Container, RegionData, read_container, write_container
+from ._container import Container, RegionData
+from ._container_reader import read_container
+from ._container_writer import write_container
 from ._errors import SnapshotFormatError, SnapshotMismatchError
 from ._kv_ranks import write_rank_share
 from ._kvspec import HASH_SCHEME, KVSpec, chain_keys
 from ._store import snapshot_path
-from ._validate import describe, want_dict, want_hex, want_id, want_int, want_list, want_str, want_tokens
+from ._validate import (
+    describe,
+    want_fields,
+    want_hex,
+    want_id,
+    want_int,
+    want_list,
+    want_str,
+    want_tokens,
+)
 
 __all__ = [
     "KVManifest",
@@ -46,6 +57,7 @@ __all__ = [
 
 # Blocks before a file's first one: a chain of 2**40 blocks is far beyond any real prefix.
 _MAX_BLOCKS = 2**40
+_SNAPSHOT_FIELDS = ("id", "first_block", "token_ids", "tail_token_ids", "keys")
 
 _HINTS = {
     "model_fingerprint": "hydrate it into an engine running the model it was taken from",
@@ -295,10 +307,8 @@ def read_kv_manifest(
     """
     del check_keys  # always on: see above
     container = read_container(path, expect_kind="kv", follow_symlinks=follow_symlinks)
-    kv, where = container.meta, container.path
-    for key in ("kv_spec", "hash_scheme", "snapshot"):
-        if key not in kv:
-            raise SnapshotFormatError(f"header lacks 'kv.{key}'", path=where)
+    where = container.path
+    kv = want_fields(container.meta, "kv", where, ("kv_spec", "hash_scheme", "snapshot"))
     if len(kv) != 3:
         raise SnapshotFormatError(f"'kv' holds unknown fields {describe(sorted(kv))}", path=where)
     try:
@@ -313,10 +323,7 @@ def read_kv_manifest(
             f"hash scheme {describe(scheme)} is unknown; this thaw-agents uses {HASH_SCHEME!r}",
             path=where,
         )
-    snap = want_dict(kv["snapshot"], "kv.snapshot", where)
-    for key in ("id", "first_block", "token_ids", "tail_token_ids", "keys"):
-        if key not in snap:
-            raise SnapshotFormatError(f"manifest lacks 'snapshot.{key}'", path=where)
+    snap = want_fields(kv["snapshot"], "kv.snapshot", where, _SNAPSHOT_FIELDS)
     stored_id = want_id(snap["id"], "snapshot.id", where)
     first_block = want_int(snap["first_block"], "snapshot.first_block", where, hi=_MAX_BLOCKS)
     token_ids = want_tokens(snap["token_ids"], "snapshot.token_ids", where)
@@ -387,10 +394,7 @@ def read_kv_manifest(
 def _parent(data: Any, where: str) -> ParentRef | None:
     if data is None:
         return None
-    data = want_dict(data, "snapshot.parent", where)
-    for key in ("snapshot_id", "num_blocks", "last_key"):
-        if key not in data:
-            raise SnapshotFormatError(f"manifest lacks 'snapshot.parent.{key}'", path=where)
+    data = want_fields(data, "snapshot.parent", where, ("snapshot_id", "num_blocks", "last_key"))
     return ParentRef(
         snapshot_id=want_id(data["snapshot_id"], "snapshot.parent.snapshot_id", where),
         num_blocks=want_int(data["num_blocks"], "snapshot.parent.num_blocks", where, hi=_MAX_BLOCKS),

@@ -255,7 +255,7 @@ def import_snapshot(manifest: KVManifest, store: Path, *, verify: bool = True) -
     copy, and nobody else can change it), else a copy. Checksums are verified once: on the
     linked file when ``verify``, and always on a copy (the source may change while we copy).
     """
-    from ._container import verify_regions
+    from ._container_reader import verify_regions
     from ._manifest import read_kv_manifest
 
     dest = snapshot_path(store, manifest.snapshot_id)

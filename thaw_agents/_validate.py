@@ -16,6 +16,7 @@ import math
 import os
 import re
 import stat
+from collections.abc import Iterable
 from typing import Any
 
 import blake3
@@ -44,6 +45,7 @@ __all__ = [
     "region_digest",
     "dtype_itemsize",
     "want_dict",
+    "want_fields",
     "want_hex",
     "want_id",
     "want_int",
@@ -314,6 +316,24 @@ def want_dict(value: Any, what: str, path: str | None) -> dict[str, Any]:
     if type(value) is not dict:
         raise _bad(what, "an object", value, path)
     return value
+
+
+def want_fields(value: Any, what: str, path: str | None, fields: Iterable[str]) -> dict[str, Any]:
+    """An object holding every one of ``fields`` (their types are the caller's next checks).
+
+    Example:
+        >>> want_fields({"name": "a", "offset": 0}, "region 0", None, ("name", "offset"))
+        {'name': 'a', 'offset': 0}
+        >>> want_fields({"name": "a"}, "region 0", "f.thaw", ("name", "offset"))
+        Traceback (most recent call last):
+        ...
+        thaw_agents._errors.SnapshotFormatError: f.thaw: region 0 lacks the field 'offset'
+    """
+    obj = want_dict(value, what, path)
+    for field in fields:
+        if field not in obj:
+            raise SnapshotFormatError(f"{what} lacks the field {field!r}", path=path)
+    return obj
 
 
 def want_list(value: Any, what: str, path: str | None) -> list[Any]:

@@ -44,7 +44,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from ._container import verify_regions
+    from ._container_reader import verify_regions
     from ._manifest import read_kv_manifest
 
     manifest = read_kv_manifest(args.path)

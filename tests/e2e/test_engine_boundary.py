@@ -199,7 +199,7 @@ def test_a_parent_whose_tokens_the_prompt_does_not_start_with_is_refused(
 
 _SLOW_WRITER = """
 import os, sys, time
-from thaw_agents._container import write_container
+from thaw_agents._container_writer import write_container
 os.fsync = lambda fd: time.sleep(120)   # stand still inside the save, after the bytes
 write_container(sys.argv[1], "kv", {"note": "killed"}, [("block 0", os.urandom(1 << 20))])
 """

@@ -23,7 +23,7 @@ from thaw_agents import (
     SnapshotVersionError,
     SnapshotWriteError,
 )
-from thaw_agents._container import read_container
+from thaw_agents._container_reader import read_container
 from thaw_agents._engine import cpu_dtype, is_cpu_platform
 
 pytestmark = pytest.mark.e2e

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from helpers.tiny_model import build_tiny_model
+from helpers.vllm_env import vllm_environ
 from vllm import SamplingParams, TokensPrompt
 
 import thaw_agents
@@ -55,18 +56,10 @@ PLAIN = [_rng.randrange(100, 40000) for _ in range(40)]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 
-@contextlib.contextmanager
 def _bound_ranks():
-    """One core per rank, for the engines this process and its children start."""
-    before = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = before
+    """One core per rank, for the engines this process and its children start (seen by vLLM
+    even after an earlier test's in-process engine froze vLLM's environment)."""
+    return vllm_environ(VLLM_CPU_OMP_THREADS_BIND="0|1")
 
 
 def _generate(llm, prompt: list[int], params: SamplingParams = GREEDY):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.tiny_model import build_tiny_model
+from helpers.vllm_env import vllm_environ
 
 # Small engines: several run at once on a 2-core, 24 GiB machine.
 ENGINE_KW: dict[str, Any] = {"kv_cache_memory_bytes": 256 << 20, "max_model_len": 2048, "seed": 0}
@@ -36,33 +37,21 @@ def make_side_llm(model: str | Path, *, omp_cores: str | None = None, **override
     """A ``vllm.LLM`` whose engine core runs in a child process.
 
     vLLM keeps one worker-side KV connector per process, so a second *in-process* thaw
-    engine cannot join the session's. vLLM caches its environment once an engine core has
-    started here, so the cache is dropped around the switch and the variables restored after.
+    engine cannot join the session's (the switch goes through :func:`vllm_environ`, which
+    vLLM's environment cache would otherwise hide).
 
     ``omp_cores`` (``VLLM_CPU_OMP_THREADS_BIND``) sets the engine's thread count. A greedy
     run compared token for token with another engine's must use as many threads as that
     engine: a matmul split over another thread count sums in another order, and the tiny
     random model's near-tied logits then pick another token (seen on AMX CPUs at token 11).
     """
-    import vllm.envs as envs
-
     import thaw_agents
 
     wanted = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     if omp_cores is not None:
         wanted["VLLM_CPU_OMP_THREADS_BIND"] = omp_cores
-    previous = {key: os.environ.get(key) for key in wanted}
-    with contextlib.suppress(AttributeError):
-        envs.disable_envs_cache()
-    os.environ.update(wanted)
-    try:
+    with vllm_environ(**wanted):
         return thaw_agents.make_llm(str(model), **{**ENGINE_KW, **overrides})
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def shutdown(llm: Any) -> None:

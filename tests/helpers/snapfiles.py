@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from thaw_agents import _container
-from thaw_agents._container import MAGIC, PAYLOAD_ALIGN, read_container
+from thaw_agents._container import MAGIC, PAYLOAD_ALIGN
+from thaw_agents._container_reader import read_container
 
 
 def encode_header(header: Any, *, pad: bool = True) -> bytes:

@@ -24,6 +24,7 @@ from thaw_agents._store import snapshot_path
 from thaw_agents.connector.config import ThawConnectorConfig
 from thaw_agents.connector.metadata import ThawConnectorMetadata, ThawWorkerMetadata
 from thaw_agents.connector.params import load_params, save_params
+from thaw_agents.connector.results import SaveResults
 from thaw_agents.connector.scheduler import ThawScheduler
 from thaw_agents.connector.writer import SaveWriter, error_result
 
@@ -210,6 +211,35 @@ def test_the_writer_runs_jobs_in_order_and_waits_for_a_request() -> None:
     writer.shutdown()
     with pytest.raises(RuntimeError):
         writer.submit("c", dict)
+
+
+def test_a_save_result_reaches_the_scheduler_and_the_rpc_as_one_record(scheduler) -> None:
+    """The scheduler half (worker metadata) and ``thaw_save_result`` (a front's poll) read the
+    same record, even for a result the writer could not name (its last-resort error)."""
+    sid = "thaw-" + "c" * 32
+    results = SaveResults(keep=1)
+    results.queued("s1", sid)
+    results.queued("s2", sid)  # saved again: the first result is stale until the second is in
+    results.finished("s1", {"snapshot_id": sid, "status": "written", "nbytes": 8}, rank=0)
+    assert results.latest(sid) is None
+    results.finished("s2", error_result("", RuntimeError("writer died")), rank=0)
+    polled = results.latest(sid)
+    sent = dict(results.take_new())
+    assert polled == sent["s2"] and polled["snapshot_id"] == sid and polled["status"] == "failed"
+    assert results.take_new() == [] and results.latest("thaw-" + "0" * 32) is None
+    # The scheduler half puts that record in the request's report.
+    req = _request("s2", PROMPT, save_params(sid, len(PROMPT)))
+    scheduler.on_new_request(req)
+    scheduler.build_connector_meta(_step([_new(req, [5, 6, 7, 8, 9], 0)], scheduled={"s2": len(PROMPT)}))
+    scheduler.update_connector_output(
+        KVConnectorOutput(kv_connector_worker_meta=ThawWorkerMetadata(results=[("s2", sent["s2"])]))
+    )
+    _, report = scheduler.request_finished(req, [5, 6, 7, 8, 9])
+    assert report["thaw"]["status"] == "failed" and report["thaw"]["error"] == polled["error"]
+    # Only the last ``keep`` snapshots stay answerable by id.
+    results.queued("s3", "thaw-" + "d" * 32)
+    results.finished("s3", {"status": "written"}, rank=0)
+    assert results.latest(sid) is None and results.latest("thaw-" + "d" * 32)["status"] == "written"
 
 
 def test_a_failed_save_result_keeps_the_error_type_and_path() -> None:

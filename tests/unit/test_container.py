@@ -19,7 +19,9 @@ from thaw_agents import (
     SnapshotVersionError,
     SnapshotWriteError,
 )
-from thaw_agents._container import FORMAT_VERSION, MAGIC, read_container, verify_regions, write_container
+from thaw_agents._container import FORMAT_VERSION, MAGIC
+from thaw_agents._container_reader import read_container, verify_regions
+from thaw_agents._container_writer import write_container
 
 
 @pytest.fixture

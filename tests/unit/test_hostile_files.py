@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 import thaw_agents
 from thaw_agents import ForkHandle, SnapshotError, ThawError, cli
-from thaw_agents._container import read_container, verify_regions
+from thaw_agents._container_reader import read_container, verify_regions
 from thaw_agents._manifest import read_kv_manifest
 from thaw_agents.weights import HostWeights, freeze_tensors, read_weights_manifest, restore_tensors
 

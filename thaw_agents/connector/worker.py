@@ -9,9 +9,9 @@ Before a block is read, the file it comes from is checked against this engine's 
 (model fingerprint, dtype, block size, layout, resolved attention backend, shapes); each block's
 checksum is verified as it is read. Failures never raise into vLLM: a block that fails is
 reported so vLLM recomputes it (and the scheduler half corrects the served-token count). Each
-save's result (written, or the error's type and message) goes to the scheduler half with the
-step's worker metadata and stays here, by snapshot id, for a front's ``thaw_save_result``,
-which turns a failure back into the typed error.
+save's result (written, or the error's type and message) is recorded once (:mod:`.results`):
+it goes to the scheduler half with the step's worker metadata and stays here, by snapshot id,
+for a front's ``thaw_save_result``, which turns a failure back into the typed error.
 
 In a tensor-parallel engine each rank has its own worker half (in its own process) and cache
 (its slice of the KV heads): it reads its own regions of each block and writes its own share
@@ -25,9 +25,8 @@ import functools
 import logging
 import os
 import stat
-import threading
 import time
-from collections import Counter, OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +53,7 @@ from .config import ThawConnectorConfig
 from .engine_spec import LayoutUnknownError, tensor_parallel_rank, worker_spec
 from .manifests import ManifestCache
 from .metadata import LoadJob, SaveJob, ThawConnectorMetadata
+from .results import SaveResults
 from .writer import SaveWriter, error_result
 
 if TYPE_CHECKING:
@@ -62,8 +62,6 @@ if TYPE_CHECKING:
 __all__ = ["ThawWorker"]
 
 logger = logging.getLogger(__name__)
-
-_KEEP_RESULTS = 256  # save results a front can still ask for (thaw_save_result)
 
 
 class ThawWorker:
@@ -85,11 +83,7 @@ class ThawWorker:
         self._writer = SaveWriter()
         self._save_in_step = config.save_in_step
         self._in_place: set[str] = set()  # requests whose queued saves read the cache rows
-        self._new_results: list[tuple[str, dict[str, Any]]] = []  # not yet sent to the scheduler
-        self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by snapshot id, for fronts
-        self._results_lock = threading.Lock()
-        self._queued: Counter[str] = Counter()  # snapshot id -> its saves queued or running
-        self._job_ids: dict[str, str] = {}  # request id -> the snapshot id its save writes
+        self._results = SaveResults(keep=256)  # for the scheduler half and thaw_save_result
 
     # -- setup -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -294,9 +288,7 @@ class ThawWorker:
         rows, which vLLM does not overwrite before :meth:`handle_preemptions` lets it.
         """
         for job in metadata.saves:
-            with self._results_lock:  # an older result of this id is stale from now on
-                self._queued[job.snapshot_id] += 1
-                self._job_ids[job.req_id] = job.snapshot_id
+            self._results.queued(job.req_id, job.snapshot_id)
             try:
                 staged = self._stage(job)
             except Exception as exc:
@@ -325,19 +317,13 @@ class ThawWorker:
     def take_results(self) -> list[tuple[str, dict[str, Any]]]:
         """(request id, result) of the saves finished since the last call (for the scheduler)."""
         self._collect()
-        with self._results_lock:
-            results, self._new_results = self._new_results, []
-        return results
+        return self._results.take_new()
 
     def save_result(self, snapshot_id: str) -> dict[str, Any] | None:
         """The result of the latest save of ``snapshot_id`` among the last few hundred; None
         while a save of it is queued or being written (or when this engine never saved it)."""
         self._collect()
-        with self._results_lock:
-            if self._queued[snapshot_id]:
-                return None
-            result = self._results.get(snapshot_id)
-        return dict(result) if result is not None else None
+        return self._results.latest(snapshot_id)
 
     def shutdown(self) -> None:
         """Write what is queued (vLLM reuses no block a queued save reads), then stop."""
@@ -347,21 +333,10 @@ class ThawWorker:
     def _collect(self) -> None:
         """Move finished saves from the writer into the results (any thread: the engine's
         step and a front's ``thaw_save_result`` call may come from different threads)."""
-        with self._results_lock:
-            for req_id, result in self._writer.take_done():
-                if not self._writer.busy(req_id):
-                    self._in_place.discard(req_id)
-                result = {**result, "rank": self.rank}
-                self._new_results.append((req_id, result))
-                sid = self._job_ids.pop(req_id, None)
-                if sid is not None:
-                    self._queued[sid] -= 1
-                    if not self._queued[sid]:
-                        del self._queued[sid]
-                    self._results[sid] = {**result, "snapshot_id": sid}
-                    self._results.move_to_end(sid)
-                    while len(self._results) > _KEEP_RESULTS:
-                        self._results.popitem(last=False)
+        for req_id, result in self._writer.take_done():
+            if not self._writer.busy(req_id):
+                self._in_place.discard(req_id)
+            self._results.finished(req_id, result, rank=self.rank)
 
     def _stage(self, job: SaveJob) -> torch.Tensor | None:
         """A host copy of the job's blocks when the cache cannot be read in place, else None."""

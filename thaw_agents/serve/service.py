@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._container import verify_regions
+from .._container_reader import verify_regions
 from .._errors import SnapshotNotFoundError, SnapshotWriteError
 from .._fork import ForkHandle, fork
 from .._kvspec import KVSpec

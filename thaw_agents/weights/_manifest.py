@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from .._container import Container, Region, canonical_json, container_header, read_container
+from .._container import Container, Region, canonical_json, container_header
+from .._container_reader import read_container
 from .._errors import SnapshotFormatError, SnapshotMismatchError
-from .._validate import describe, dtype_itemsize, want_dict, want_hex, want_list, want_shape, want_str
+from .._validate import describe, dtype_itemsize, want_fields, want_hex, want_list, want_shape, want_str
 
 if TYPE_CHECKING:
     import torch
@@ -175,10 +176,11 @@ def read_weights_manifest(path: str | os.PathLike[str], *, follow_symlinks: bool
     """
     container = read_container(path, expect_kind=KIND, follow_symlinks=follow_symlinks)
     where = container.path
-    meta = container.meta
+    fields = ("model_name", "model_fingerprint", "tensors", "header_checksum")
+    meta = want_fields(container.meta, "weights manifest", where, fields)
     for key in ("model_name", "model_fingerprint"):
-        want_str(meta.get(key), f"weights manifest field {key!r}", where)
-    listed = want_list(meta.get("tensors"), "weights manifest field 'tensors'", where)
+        want_str(meta[key], f"weights manifest field {key!r}", where)
+    listed = want_list(meta["tensors"], "weights manifest field 'tensors'", where)
     if len(listed) != len(container.regions):
         raise SnapshotFormatError(
             f"weights manifest lists {len(listed)} tensors for {len(container.regions)} regions: "
@@ -189,20 +191,20 @@ def read_weights_manifest(path: str | os.PathLike[str], *, follow_symlinks: bool
     seen: set[str] = set()
     for index, (item, region) in enumerate(zip(listed, container.regions, strict=True)):
         what = f"tensor {index}"
-        item = want_dict(item, what, where)
-        if item.get("name") != region.name:
+        item = want_fields(item, what, where, ("name", "dtype", "shape"))
+        if item["name"] != region.name:
             raise SnapshotFormatError(
-                f"{what} is named {describe(item.get('name'))}, its region {describe(region.name)}",
+                f"{what} is named {describe(item['name'])}, its region {describe(region.name)}",
                 path=where,
             )
         if region.name in seen:
             raise SnapshotFormatError(f"{what} repeats the name {describe(region.name)}", path=where)
         seen.add(region.name)
-        dtype = item.get("dtype")
+        dtype = item["dtype"]
         if dtype not in WEIGHT_DTYPES:  # the writer's closed set (not every name torch has)
             raise SnapshotFormatError(f"{what} has unsupported dtype {describe(dtype)}", path=where)
         itemsize = dtype_itemsize(dtype, f"{what} dtype", where)
-        shape = want_shape(item.get("shape"), f"{what} shape", where)
+        shape = want_shape(item["shape"], f"{what} shape", where)
         expected = math.prod(shape) * itemsize
         if expected != region.nbytes:
             raise SnapshotFormatError(
@@ -220,7 +222,7 @@ def read_weights_manifest(path: str | os.PathLike[str], *, follow_symlinks: bool
                 checksum=region.checksum,
             )
         )
-    stored = want_hex(meta.get("header_checksum"), "weights.header_checksum", where)
+    stored = want_hex(meta["header_checksum"], "weights manifest field 'header_checksum'", where)
     if stored != _header_checksum(container.header):
         raise SnapshotFormatError(
             "the header does not match its header_checksum: it was edited or corrupted after the "
