@@ -48,7 +48,6 @@ from thaw_agents.accel import (
 from .._kvspec import KVSpec
 from .._manifest import ParentRef, check_compatible, derive_snapshot, write_kv_snapshot
 from .._store import snapshot_path
-from .._threads import in_parts
 from .config import ThawConnectorConfig
 from .engine_spec import LayoutUnknownError, tensor_parallel_rank, worker_spec
 from .manifests import ManifestCache
@@ -219,13 +218,11 @@ class ThawWorker:
         sources = job.sources[self.rank]
         return self._verify_by_file(
             job,
-            lambda fd, indices: _joined(
-                in_parts(
-                    lambda part: read_blocks_into(
-                        fd, [sources[i].offset for i in part], [views[i] for i in part], hasher=blake3.blake3
-                    ),
-                    indices,
-                )
+            lambda fd, indices: read_blocks_into(
+                fd,
+                [sources[i].offset for i in indices],
+                [views[i] for i in indices],
+                hasher=blake3.blake3,
             ),
         )
 
@@ -407,11 +404,6 @@ class ThawWorker:
             sid,
             (time.perf_counter() - start) * 1e3,
         )
-
-
-def _joined(parts: list[tuple[list[bool], list[str | None]]]) -> tuple[list[bool], list[str | None]]:
-    """The (complete, digests) of consecutive parts as one."""
-    return [c for done, _ in parts for c in done], [d for _, sums in parts for d in sums]
 
 
 def _open_regular(path: Path) -> int:
