@@ -44,3 +44,21 @@ def test_free_slots_and_blocks_never_go_below_zero() -> None:
     assert (cap.free_slots, cap.free_blocks) == (0, 0)
     cap = _cap(num_requests=3, num_reserved_blocks=40)
     assert (cap.free_slots, cap.free_blocks) == (5, 60)
+
+
+def test_an_engine_whose_requests_cannot_be_read_is_a_config_error() -> None:
+    """Another vLLM layout: a typed error (auto placement then prefers the pool), not AttributeError."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from thaw_agents import ConfigError
+    from thaw_agents.front._capacity import read_capacity
+
+    config = SimpleNamespace(
+        cache_config=SimpleNamespace(num_gpu_blocks=64, block_size=32),
+        model_config=SimpleNamespace(max_model_len=2048),
+        scheduler_config=SimpleNamespace(max_num_seqs=8),
+    )
+    with pytest.raises(ConfigError, match="unfinished requests"):
+        read_capacity(SimpleNamespace(vllm_config=config))

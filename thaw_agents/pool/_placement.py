@@ -86,7 +86,12 @@ def decide(
     # A pool that cannot take this parent's branches is an error now, not when the parent fills up.
     check_spec(front.kv_spec(), pool.spec, "the parent engine")
     caching, _ = front.prefix_caching()
-    cap = front.capacity()
+    try:
+        cap = front.capacity()
+    except ConfigError as exc:  # not knowing whether the parent has room: the pool, if it can
+        if pool.ready_slots():
+            return Decision("pool", f"auto: {exc}: pool")
+        return Decision("parent", f"auto: {exc}, and no worker is ready: parent")
     sequences = sum(max(1, p.n) for p in params)
     needed = blocks_needed(trunk, prompts, params, cap, caching=caching)
     fits_slots, fits_blocks = cap.free_slots >= sequences, cap.free_blocks >= needed
