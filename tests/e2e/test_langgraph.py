@@ -177,11 +177,11 @@ def test_fork_fanout_places_branches_on_an_attached_pool(tiny_fp32: ChatThaw) ->
             fork_fanout_sync(tiny_fp32, trunk, suffixes, pool=pool, placement="gpu")
     assert [r.response_metadata["placement"] for r in chosen] == ["engine", "engine"]
     assert all(r.response_metadata["placement_reason"].startswith("auto: parent has room") for r in chosen)
-    assert [r.content for r in chosen] == solo
     assert [r.response_metadata["placement"] for r in replies] == ["pool", "pool"]
     assert all(r.response_metadata["placement_reason"].startswith("placement='pool'; ") for r in replies)
     assert all(r.response_metadata["worker"].startswith("local-") for r in replies)
     snapshot_tokens = thaw_agents.fork(tiny_fp32, trunk).num_snapshot_tokens
     # Every branch is served mostly from the snapshot (the worker may recompute a trailing block).
-    assert all(r.usage_metadata["input_token_details"]["cache_read"] >= snapshot_tokens - 32 for r in replies)
+    served = [r.usage_metadata["input_token_details"]["cache_read"] for r in replies + chosen]
+    assert all(n >= snapshot_tokens - 32 for n in served)
     assert [r.content for r in replies] == solo
