@@ -143,10 +143,9 @@ async def fork_fanout(
     """
     prefix = list(convert_to_messages(prefix_messages))
     branches = [_as_branch(s) for s in suffixes]
-    if placement not in ("auto", "parent", "pool"):
-        raise thaw_agents.ConfigError(f"placement must be 'auto', 'parent' or 'pool', not {placement!r}")
-    if placement == "pool" and pool is None:
-        raise thaw_agents.ConfigError("placement='pool' needs a pool: pass pool=ForkPool(...)")
+    from thaw_agents.pool._placement import check_placement
+
+    check_placement(placement, pool)  # before the trunk is snapshotted
     if pool is not None and llm.base_url is not None:
         raise thaw_agents.ConfigError(
             "a ForkPool runs branches in local workers; a ChatThaw with base_url runs them on its "

@@ -41,7 +41,15 @@ from ._pool import ForkPool
 if TYPE_CHECKING:
     from vllm import SamplingParams
 
-__all__ = ["PLACEMENTS", "Decision", "PlacementChoice", "blocks_needed", "check_spec", "decide"]
+__all__ = [
+    "PLACEMENTS",
+    "Decision",
+    "PlacementChoice",
+    "blocks_needed",
+    "check_placement",
+    "check_spec",
+    "decide",
+]
 
 PlacementChoice = Literal["auto", "parent", "pool"]
 PLACEMENTS: tuple[str, ...] = ("auto", "parent", "pool")
@@ -71,11 +79,8 @@ def decide(
         SnapshotMismatchError: under ``"auto"``, the parent differs from the pool's workers.
         PoolError: the pool is not started, or closed.
     """
-    if placement not in PLACEMENTS:
-        raise ConfigError(f"placement must be 'auto', 'parent' or 'pool', not {placement!r}")
+    check_placement(placement, pool)
     if pool is None:
-        if placement == "pool":
-            raise ConfigError("placement='pool' needs a pool: pass pool=ForkPool(...)")
         return Decision("parent", "no pool: the parent engine")
     if placement == "parent":
         return Decision("parent", "placement='parent'")
@@ -105,6 +110,14 @@ def decide(
             "parent", f"auto: parent full ({slots}, {blocks}), but no worker is ready: parent, which queues"
         )
     return Decision("pool", f"auto: parent full ({slots}, {blocks}): pool ({_workers(pool, len(ready))})")
+
+
+def check_placement(placement: str, pool: ForkPool | None) -> None:
+    """ConfigError unless ``placement`` is one of :data:`PLACEMENTS` and a pool backs ``"pool"``."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"placement must be 'auto', 'parent' or 'pool', not {placement!r}")
+    if placement == "pool" and pool is None:
+        raise ConfigError("placement='pool' needs a pool: pass pool=ForkPool(...)")
 
 
 def blocks_needed(
