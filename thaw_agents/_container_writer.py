@@ -15,7 +15,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Sequence
-from typing import Any, BinaryIO
+from typing import Any
 
 from ._container import Container, Region, RegionData, checksum, container_header, encode_header, region_parts
 from ._errors import write_failed
@@ -60,7 +60,7 @@ def write_container(
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb", buffering=0) as handle:
-            _write_all(handle, blob)
+            write_parts(handle.fileno(), [memoryview(blob)])
             for _, parts in parted:
                 write_parts(handle.fileno(), parts)
             if fsync:
@@ -100,15 +100,6 @@ def write_parts(fd: int, parts: list[memoryview], offset: int | None = None) -> 
             pending.pop(0)
         if written:
             pending[0] = pending[0][written:]
-
-
-def _write_all(handle: BinaryIO, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view.nbytes:
-        written = handle.write(view)
-        if not written:
-            raise OSError("short write")
-        view = view[written:]
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
