@@ -66,3 +66,6 @@ class RemoteAdapter(Front):
     def _rpc(self, method: str, args: tuple[Any, ...]) -> list[Any]:
         self.describe()
         return []
+
+    def announce(self, kv_transfer_params: dict[str, Any]) -> None:
+        self.describe()

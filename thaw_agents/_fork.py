@@ -41,7 +41,14 @@ from ._store import (
     snapshot_path,
     store_dir,
 )
-from .connector.params import await_save, is_snapshot_id, load_params, save_failure, save_params
+from .connector.params import (
+    await_save,
+    hydrate_params,
+    is_snapshot_id,
+    load_params,
+    save_failure,
+    save_params,
+)
 from .front import Prefix, front_for
 
 __all__ = ["ForkHandle", "fork", "with_fork"]
@@ -122,32 +129,34 @@ class ForkHandle:
         return load_params(self.id)
 
     def hydrate(self, engine: Any) -> int:
-        """Make ``engine`` serve this prefix from the snapshot; return the tokens it served.
+        """Make ``engine`` serve this prefix from the snapshot; return the tokens it will serve.
 
-        Checks every file against the engine first (model, dtype, block size, KV layout):
-        nothing reaches an engine that does not match. The prefix then sits in the engine's
-        prefix cache, so any request starting with ``token_ids`` skips its prefill. The count
-        is honest: a block the engine found corrupt is recomputed and not counted. Every
-        whole block is served, so a clean hydrate returns ``num_snapshot_tokens``.
+        Checks every file against the engine first (model, dtype, block size, KV layout) and
+        brings it into the engine's store: nothing reaches an engine that does not match. It
+        costs no engine step: the engine keeps the snapshot, and the first request that starts
+        with ``token_ids`` loads it inside its own step, as with :func:`with_fork`; later ones
+        find the prefix in the engine's prefix cache, and if the engine evicts it, the next one
+        loads it again. That request's ``num_cached_tokens`` (and its output's
+        ``kv_transfer_params["thaw"]``) is the honest count: a block the engine finds corrupt
+        is recomputed and not counted. The engine forgets the snapshot when it leaves the store
+        or the engine's weights change.
+
+        Returns ``num_snapshot_tokens``: every whole block of the prefix.
 
         Raises:
             SnapshotMismatchError: the engine differs from the snapshot's.
-            EngineError: the engine refused the snapshot (the message says why).
+            ConfigError: ``engine`` is not a local engine (a served one: use ``fork=handle``).
 
         Example:
-            >>> handle.hydrate(llm) == handle.num_snapshot_tokens                # doctest: +SKIP
-            True
+            >>> handle.hydrate(llm)                                              # doctest: +SKIP
+            1024
+            >>> llm.generate(TokensPrompt(prompt_token_ids=handle.token_ids + question))[0].num_cached_tokens
+            1024
         """
         front = front_for(engine)
         handle = self.for_engine(front)
-        # The snapshot's whole blocks and one token more: vLLM computes at least one prompt token
-        # itself, so the connector loads every block and the engine computes just that token (the
-        # request costs one decode-sized step, not a prefill of the last block). That token's
-        # partial block is never cached, so which token it is does not matter.
-        tokens = [*handle.token_ids[: handle.num_snapshot_tokens], handle.token_ids[-1]]
-        run = front.run_prefix(tokens, handle.kv_transfer_params())
-        _raise_refusal(run.report, handle.id)
-        return run.num_cached_tokens
+        front.announce(hydrate_params(handle.id))
+        return handle.num_snapshot_tokens
 
     def for_engine(self, engine: Any) -> ForkHandle:
         """This snapshot checked against ``engine`` and present in the engine's store.
@@ -401,12 +410,6 @@ def fork(
     if parent_handle is None:
         return _handle_from_chain([dest], [manifest])
     return _handle_from_chain([*parent_handle.paths, dest], [*parent_handle.manifests, manifest])
-
-
-def _raise_refusal(report: dict[str, Any] | None, snapshot: str) -> None:
-    """Raise the engine's reason for not using ``snapshot``, if it gave one."""
-    if report and report.get("error"):
-        raise EngineError(f"the engine did not use snapshot {snapshot}: {report['error']}")
 
 
 def with_fork(sampling_params: Any, handle: ForkHandle, engine: Any | None = None) -> Any:

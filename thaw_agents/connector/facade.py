@@ -16,7 +16,8 @@ Scheduler side:
   is read and checked once per request, later calls (retries, resumptions) touch no file.
 * ``update_state_after_alloc``: which engine blocks of this allocation to fill (a request
   resumed after a preemption gets new blocks and its load again).
-* ``on_new_request``: check and remember a save request.
+* ``on_new_request``: check and remember a save request; keep a hydrated snapshot (the
+  hydrate request itself stays unscheduled: ``get_num_new_matched_tokens`` answers None).
 * ``build_connector_meta``: this step's load and save jobs, and the requests whose unwritten
   saves read blocks this step writes (the worker finishes those saves first).
 * ``update_connector_output``: save results from the worker; uncount blocks that failed to load.

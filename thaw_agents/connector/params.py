@@ -2,13 +2,16 @@
 
 Load::  {"op": "load", "snapshot_id": "thaw-<32 hex>"}   ("op" may be left out for a load)
 Save::  {"op": "save", "snapshot_id": "thaw-<32 hex>", "num_tokens": N, "parent": "thaw-..." | null}
+Hydrate::  {"op": "hydrate", "snapshot_id": "thaw-<32 hex>"}
 
 Requests name snapshots by id, never by path: vLLM's OpenAI server copies a client's
 ``kv_transfer_params`` into the engine, so anything here may come from an untrusted client.
 The connector resolves ids inside its own store and nowhere else. For a save, ``snapshot_id``
 is the id the caller expects (the engine computes the id itself from the request's tokens and
 refuses to write when they differ), and ``num_tokens`` says how many prompt tokens form the
-prefix to snapshot.
+prefix to snapshot. A hydrate makes the engine serve the snapshot to every later request that
+starts with its tokens; the request carrying it is never scheduled (``ForkHandle.hydrate``'s
+front aborts it at once), and the HTTP server refuses it from clients.
 
 Both travel inside ``SamplingParams.extra_args["kv_transfer_params"]``, which vLLM copies onto
 its ``Request``; plain JSON, so they cross the engine-core process boundary.
@@ -39,10 +42,12 @@ from .._errors import EngineError, SnapshotWriteError, ThawError
 __all__ = [
     "ID_PATTERN",
     "PARAMS_KEY",
+    "HydrateParams",
     "LoadParams",
     "ParamsError",
     "SaveParams",
     "await_save",
+    "hydrate_params",
     "is_snapshot_id",
     "load_params",
     "parse_params",
@@ -68,6 +73,11 @@ class LoadParams:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HydrateParams:
+    snapshot_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SaveParams:
     snapshot_id: str
     num_tokens: int
@@ -82,6 +92,12 @@ def is_snapshot_id(value: Any) -> bool:
 def load_params(snapshot_id: str) -> dict[str, Any]:
     """``kv_transfer_params`` that make a request start from the snapshot ``snapshot_id``."""
     return {PARAMS_KEY: {"op": "load", "snapshot_id": snapshot_id}}
+
+
+def hydrate_params(snapshot_id: str) -> dict[str, Any]:
+    """``kv_transfer_params`` that make the engine serve ``snapshot_id`` to every request that
+    starts with its tokens (the request carrying them is never run)."""
+    return {PARAMS_KEY: {"op": "hydrate", "snapshot_id": snapshot_id}}
 
 
 def save_params(snapshot_id: str, num_tokens: int, parent: str | None = None) -> dict[str, Any]:
@@ -103,7 +119,7 @@ def _id_field(params: dict[str, Any], key: str, *, optional: bool = False) -> st
     return value
 
 
-def parse_params(kv_transfer_params: Any) -> LoadParams | SaveParams | None:
+def parse_params(kv_transfer_params: Any) -> LoadParams | SaveParams | HydrateParams | None:
     """The thaw part of a request's ``kv_transfer_params``, validated; None when absent.
 
     Raises:
@@ -123,6 +139,8 @@ def parse_params(kv_transfer_params: Any) -> LoadParams | SaveParams | None:
         )
     if op == "load":
         return LoadParams(snapshot_id=_id_field(params, "snapshot_id"))  # type: ignore[arg-type]
+    if op == "hydrate":
+        return HydrateParams(snapshot_id=_id_field(params, "snapshot_id"))  # type: ignore[arg-type]
     if op == "save":
         num_tokens = params.get("num_tokens")
         if (
@@ -136,7 +154,7 @@ def parse_params(kv_transfer_params: Any) -> LoadParams | SaveParams | None:
             num_tokens=num_tokens,
             parent=_id_field(params, "parent", optional=True),
         )
-    raise ParamsError(f"unknown thaw op {str(op)[:40]!r}; expected 'load' or 'save'")
+    raise ParamsError(f"unknown thaw op {str(op)[:40]!r}; expected 'load', 'save' or 'hydrate'")
 
 
 def await_save(

@@ -11,6 +11,9 @@ In a tensor-parallel engine every rank's worker half loads and saves its own sha
 block: a load job carries each rank's file offsets, and a save is done once every rank has
 reported (written if all wrote their share; the last one renamed the file into place).
 
+A hydrated snapshot (``{"op": "hydrate"}``, see :mod:`.standing`) is kept and served to every
+later request that starts with its tokens; the request that brought it is never scheduled.
+
 Served-token accounting is honest: when the worker reports blocks that failed (checksum,
 spec, I/O), vLLM recomputes them and this half lowers the request's cached-token count by
 the tokens recomputed, so ``num_cached_tokens`` only counts tokens actually loaded.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +36,8 @@ from .config import ThawConnectorConfig
 from .engine_spec import engine_fingerprint, platform_name
 from .manifests import ManifestCache
 from .metadata import BlockSource, LoadJob, SaveJob, ThawConnectorMetadata, ThawWorkerMetadata
-from .params import PARAMS_KEY, LoadParams, ParamsError, SaveParams, parse_params
+from .params import PARAMS_KEY, HydrateParams, LoadParams, ParamsError, SaveParams, parse_params
+from .standing import StandingSnapshots
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -44,6 +49,10 @@ if TYPE_CHECKING:
 __all__ = ["ThawScheduler"]
 
 logger = logging.getLogger(__name__)
+
+# A hydrate request waits unscheduled this long for its front's abort; one a front forgot then
+# runs as a plain one-token request, so nothing waits forever.
+_PARK_S = 60.0
 
 
 @dataclass
@@ -98,6 +107,8 @@ class ThawScheduler:
         self._unwritten: dict[str, tuple[int, ...]] = {}
         self._read_blocks: dict[int, set[str]] = {}
         self._rank_results: dict[str, dict[int, dict[str, Any]]] = {}  # req -> rank -> result
+        self._standing = StandingSnapshots(self.block_size)
+        self._parked: dict[str, float] = {}  # hydrate request -> when it arrived
 
     # -- checks ------------------------------------------------------------------------
     def _check_engine(self, spec: KVSpec, path: str) -> None:
@@ -132,8 +143,11 @@ class ThawScheduler:
         )
 
     # -- loads -------------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        """Prompt tokens the request's snapshot supplies beyond ``num_computed_tokens``.
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        """Prompt tokens the request's snapshot (named, or hydrated earlier) supplies beyond
+        ``num_computed_tokens``; None keeps a hydrate request unscheduled until its abort.
 
         vLLM asks when a request is scheduled from the waiting queue: new, or resumed after a
         preemption (which freed its blocks). The snapshot chain is read and checked on the
@@ -142,6 +156,9 @@ class ThawScheduler:
         """
         state = self._loads.get(request.request_id)
         if state is None:
+            parked = self._parked.get(request.request_id)
+            if parked is not None:
+                return (None, False) if time.monotonic() - parked < _PARK_S else (0, False)
             if request.request_id in self._refused:
                 return 0, False
             try:
@@ -149,13 +166,16 @@ class ThawScheduler:
             except ParamsError as exc:
                 self._refuse(request, "load", None, exc)
                 return 0, False
-            if not isinstance(params, LoadParams):
-                return 0, False
-            try:
-                state = self._plan(request, params)
-            except Exception as exc:  # never let a bad file take the scheduler down
-                self._refuse(request, "load", params.snapshot_id, exc)
-                return 0, False
+            if isinstance(params, LoadParams):
+                try:
+                    state = self._plan(request, params)
+                except Exception as exc:  # never let a bad file take the scheduler down
+                    self._refuse(request, "load", params.snapshot_id, exc)
+                    return 0, False
+            else:
+                state = self._plan_standing(request, num_computed_tokens)
+                if state is None:
+                    return 0, False
             self._loads[request.request_id] = state
         # vLLM must compute at least the last prompt token itself.
         limit_blocks = (request.num_prompt_tokens - 1) // self.block_size
@@ -163,6 +183,36 @@ class ThawScheduler:
         # The scheduler presents a block-aligned local hit; the load starts right after it.
         state.local_tokens = num_computed_tokens
         return max(0, matched_tokens - num_computed_tokens), False
+
+    def _plan_standing(self, request: Request, num_computed_tokens: int) -> _Load | None:
+        """A load from the hydrated snapshot that supplies the most of this prompt beyond what
+        vLLM's prefix cache holds; None when none does."""
+        best: _Load | None = None
+        for snapshot_id in self._standing.candidates(request.prompt_token_ids or ()):
+            try:
+                state = self._plan(request, LoadParams(snapshot_id=snapshot_id))
+            except Exception as exc:  # gone from the store, or no longer this engine's
+                self._standing.discard(snapshot_id)
+                logger.info("thaw: hydrated snapshot %s is no longer served: %s", snapshot_id, exc)
+                continue
+            if best is None or state.matched_blocks > best.matched_blocks:
+                best = state
+        limit_blocks = (request.num_prompt_tokens - 1) // self.block_size
+        if best is None or min(best.matched_blocks, limit_blocks) * self.block_size <= num_computed_tokens:
+            return None
+        return best
+
+    def _hydrate(self, request: Request, params: HydrateParams) -> None:
+        """Keep the snapshot for later requests; its own request waits until the front aborts it."""
+        self._parked[request.request_id] = time.monotonic()
+        try:
+            chain = self._manifests.chain(params.snapshot_id)
+            for manifest in chain:
+                self._check_engine(manifest.spec, manifest.path)
+        except Exception as exc:
+            self._refuse(request, "hydrate", params.snapshot_id, exc)
+            return
+        self._standing.add(params.snapshot_id, chain[0].token_ids)
 
     def _plan(self, request: Request, params: LoadParams) -> _Load:
         chain = self._manifests.chain(params.snapshot_id)
@@ -270,6 +320,9 @@ class ThawScheduler:
         except ParamsError as exc:
             self._refuse(request, "request", None, exc)
             return
+        if isinstance(params, HydrateParams):
+            self._hydrate(request, params)
+            return
         if not isinstance(params, SaveParams):
             return
         try:
@@ -304,6 +357,7 @@ class ThawScheduler:
         """The engine's weights may have changed (vLLM's ``reset_prefix_cache(reset_connector=
         True)``, which ``swap_weights`` sends): learn the model fingerprint from the worker again."""
         self._fingerprint_unknown = True
+        self._standing.clear()  # snapshots of the old weights
         return True
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> ThawConnectorMetadata:
@@ -421,6 +475,7 @@ class ThawScheduler:
         until the engine's next step, which an in-process ``vllm.LLM`` only takes at the next
         ``generate`` (and ``reset_prefix_cache`` would refuse to run meanwhile).
         """
+        self._parked.pop(request.request_id, None)
         state = self._loads.pop(request.request_id, None)
         save = self._saves.pop(request.request_id, None)
         refused = self._refused.pop(request.request_id, None)

@@ -12,7 +12,9 @@ Both offer:
 - ``generate(requests, timeout_s=, stream=)`` -> one :class:`Result` per :class:`Request`:
   completions, ``num_cached_tokens``, ``ttft_s``, the connector's ``report``;
   ``stream=False`` asks for final outputs only (cheaper, no first-token time).
-- ``run_prefix(token_ids, kv_transfer_params)``: the one-token request of fork and hydrate.
+- ``run_prefix(token_ids, kv_transfer_params)``: the one-token request of fork.
+- ``announce(kv_transfer_params)``: hand the connector params on a request the engine never
+  runs (added and aborted at once; what hydrate does).
 - ``describe()`` / ``kv_spec()`` / ``store()``: the ``thaw_describe`` RPC (every tensor-parallel
   rank's reply, checked equal).
 - ``save_result(snapshot_id)``: the ``thaw_save_result`` RPC (every rank's result combined; None

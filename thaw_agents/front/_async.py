@@ -21,12 +21,14 @@ from typing import Any, TypeVar
 
 from .._errors import ConfigError, EngineError
 from ._base import (
+    ANNOUNCE_PROMPT,
     Collector,
     Delta,
     Front,
     Request,
     RequestTimeoutError,
     Result,
+    announce_params,
     deltas,
     describe_reply,
     engine_failure,
@@ -108,6 +110,19 @@ class AsyncLLMFront(Front):
         self, requests: Sequence[Request], *, timeout_s: float | None = None, stream: bool = True
     ) -> list[Result]:
         return self._run(self.agenerate(requests, timeout_s=timeout_s, stream=stream))
+
+    def announce(self, kv_transfer_params: dict[str, Any]) -> None:
+        self._run(self.aannounce(kv_transfer_params))
+
+    async def aannounce(self, kv_transfer_params: dict[str, Any]) -> None:
+        """:meth:`announce` on the engine's loop."""
+        from vllm import TokensPrompt
+
+        engine = await self.engine()
+        request_id = f"thaw-{uuid.uuid4().hex}"
+        prompt = TokensPrompt(prompt_token_ids=list(ANNOUNCE_PROMPT))
+        await engine.add_request(request_id, prompt, announce_params(kv_transfer_params))
+        await engine.abort(request_id)
 
     async def _one(self, request: Request, start: float, timeout_s: float | None, stream: bool) -> Result:
         from vllm.sampling_params import RequestOutputKind

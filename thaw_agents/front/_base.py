@@ -147,6 +147,21 @@ def engine_params(request: Request, output_kind: Any) -> SamplingParams:
     return params
 
 
+# The prompt of an announce request: never run, any valid token id will do.
+ANNOUNCE_PROMPT = (0,)
+
+
+def announce_params(kv_transfer_params: dict[str, Any]) -> SamplingParams:
+    """The params of an announce request (:meth:`Front.announce`): thaw's params, final output only."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    request = Request(
+        token_ids=ANNOUNCE_PROMPT, params=SamplingParams(max_tokens=1), kv_transfer_params=kv_transfer_params
+    )
+    return engine_params(request, RequestOutputKind.FINAL_ONLY)
+
+
 def deltas(output: Any) -> Iterator[Delta]:
     """One :class:`Delta` per sample in a DELTA ``RequestOutput``; EngineError for an engine failure."""
     cached = int(output.num_cached_tokens or 0)
@@ -303,8 +318,17 @@ class Front:
         """
         raise NotImplementedError
 
+    def announce(self, kv_transfer_params: dict[str, Any]) -> None:
+        """Hand the connector ``kv_transfer_params`` on a request the engine never runs.
+
+        The connector reads a request's params when it arrives; this one (a one-token prompt)
+        is added and aborted at once, and the connector keeps it unscheduled meanwhile, so it
+        costs no engine step. What :meth:`ForkHandle.hydrate` does.
+        """
+        raise NotImplementedError
+
     def run_prefix(self, token_ids: Sequence[int], kv_transfer_params: dict[str, Any]) -> PrefixRun:
-        """Run ``token_ids`` for one greedy token with thaw's params (what fork and hydrate do)."""
+        """Run ``token_ids`` for one greedy token with thaw's params (what fork does)."""
         from vllm import SamplingParams
 
         request = Request(

@@ -27,7 +27,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._errors import EngineError
-from ._base import Collector, Front, Request, RequestTimeoutError, Result, engine_failure, engine_params
+from ._base import (
+    ANNOUNCE_PROMPT,
+    Collector,
+    Front,
+    Request,
+    RequestTimeoutError,
+    Result,
+    announce_params,
+    engine_failure,
+    engine_params,
+)
 from ._capacity import Capacity, read_capacity
 
 __all__ = ["LLMFront", "engine_lock"]
@@ -114,6 +124,18 @@ class LLMFront(Front):
                 "see the engine log"
             )
         return [c.result() for c in collectors.values()]
+
+    def announce(self, kv_transfer_params: dict[str, Any]) -> None:
+        from vllm import TokensPrompt
+
+        with self.lock():
+            engine = self.llm.llm_engine
+            (engine_input,) = self.llm.renderer.render_cmpl(
+                [TokensPrompt(prompt_token_ids=list(ANNOUNCE_PROMPT))]
+            )
+            request_id = f"thaw-{_TAG}-{next(_BATCHES)}-announce"
+            engine.add_request(request_id, engine_input, announce_params(kv_transfer_params))
+            engine.abort_request([request_id])
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self.llm.get_tokenizer().encode(text, add_special_tokens=add_special_tokens))

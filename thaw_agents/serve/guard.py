@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from .._errors import SnapshotError, SnapshotMismatchError, SnapshotNotFoundError
-from ..connector.params import LoadParams, ParamsError, SaveParams, parse_params
+from ..connector.params import HydrateParams, LoadParams, ParamsError, SaveParams, parse_params
 
 __all__ = ["SnapshotGuard", "error_body", "read_body", "replayed", "respond", "status_of"]
 
@@ -79,6 +79,11 @@ class SnapshotGuard:
         if not isinstance(request, dict) or "kv_transfer_params" not in request:
             return []
         params = parse_params(request["kv_transfer_params"])
+        if isinstance(params, HydrateParams):
+            raise ParamsError(
+                "op 'hydrate' is for a local engine (ForkHandle.hydrate); a request starts from a "
+                "snapshot with {'op': 'load', 'snapshot_id': ...}"
+            )
         if isinstance(params, LoadParams):
             return [manifest.snapshot_id for manifest in service.chain(params.snapshot_id)]
         if isinstance(params, SaveParams) and params.parent is not None:
