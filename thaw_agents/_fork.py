@@ -133,13 +133,12 @@ class ForkHandle:
 
         Checks every file against the engine first (model, dtype, block size, KV layout) and
         brings it into the engine's store: nothing reaches an engine that does not match. It
-        costs no engine step: the engine keeps the snapshot, and the first request that starts
+        costs no engine step: the engine holds the snapshot, and the next request that starts
         with ``token_ids`` loads it inside its own step, as with :func:`with_fork`; later ones
-        find the prefix in the engine's prefix cache, and if the engine evicts it, the next one
-        loads it again. That request's ``num_cached_tokens`` (and its output's
-        ``kv_transfer_params["thaw"]``) is the honest count: a block the engine finds corrupt
-        is recomputed and not counted. The engine forgets the snapshot when it leaves the store
-        or the engine's weights change.
+        find the prefix in the engine's prefix cache, like any cached prefix. That request's
+        ``num_cached_tokens`` (and its output's ``kv_transfer_params["thaw"]``) is the honest
+        count: a block the engine finds corrupt is recomputed and not counted. The engine lets
+        go of a snapshot that leaves its store or no longer matches its weights.
 
         Returns ``num_snapshot_tokens``: every whole block of the prefix.
 

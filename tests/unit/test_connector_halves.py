@@ -23,7 +23,7 @@ from thaw_agents._manifest import derive_snapshot, write_kv_snapshot
 from thaw_agents._store import snapshot_path
 from thaw_agents.connector.config import ThawConnectorConfig
 from thaw_agents.connector.metadata import ThawConnectorMetadata, ThawWorkerMetadata
-from thaw_agents.connector.params import load_params, save_params
+from thaw_agents.connector.params import PARAMS_KEY, hydrate_params, load_params, parse_params, save_params
 from thaw_agents.connector.results import SaveResults
 from thaw_agents.connector.scheduler import ThawScheduler
 from thaw_agents.connector.writer import SaveWriter, error_result
@@ -250,3 +250,74 @@ def test_a_failed_save_result_keeps_the_error_type_and_path() -> None:
     error = save_failure(error_result("thaw-x", exc), "thaw-x", "/s/thaw-x.thaw")
     assert isinstance(error, SnapshotWriteError) and error.errno == 28
     assert str(error) == str(exc)
+
+
+# -- hydrate: the snapshot waits for the next request that starts with its tokens --------------
+def _hydrate(half: ThawScheduler, req_id: str, sid: str) -> Request:
+    """What ``ForkHandle.hydrate``'s front sends: a one-token request carrying the params."""
+    req = _request(req_id, [0], hydrate_params(sid))
+    half.on_new_request(req)
+    return req
+
+
+def test_a_hydrate_request_is_never_scheduled_and_arms_the_next_matching_request(scheduler, tmp_path) -> None:
+    sid = _snapshot(tmp_path, PROMPT)
+    hydrate = _hydrate(scheduler, "h1", sid)
+    assert scheduler.get_num_new_matched_tokens(hydrate, 0) == (None, False)  # waits for its abort
+    assert scheduler.request_finished(hydrate, []) == (False, None)  # the front's abort
+
+    other = _request("r0", [1, *PROMPT[1:]], {})  # another first block: nothing to serve
+    assert scheduler.get_num_new_matched_tokens(other, 0) == (0, False)
+    req = _request("r1", PROMPT, {})  # names no snapshot: served from the hydrated one
+    assert scheduler.get_num_new_matched_tokens(req, BS) == (3 * BS, False)
+    [job] = _schedule(scheduler, req, BS, [7, 8, 9, 10, 11]).loads
+    assert job.snapshot_id == sid and job.block_ids == (8, 9, 10)
+    _, report = scheduler.request_finished(req, [])
+    assert report is not None and report[PARAMS_KEY]["loaded_tokens"] == 3 * BS
+    # Every block is in vLLM's prefix cache now: the snapshot is not loaded again.
+    assert scheduler.get_num_new_matched_tokens(_request("r2", PROMPT, {}), 0) == (0, False)
+
+
+def test_a_partial_match_leaves_a_hydrated_snapshot_for_a_longer_request(scheduler, tmp_path) -> None:
+    sid = _snapshot(tmp_path, PROMPT)
+    _hydrate(scheduler, "h1", sid)
+    short = _request("r1", [*PROMPT[: 2 * BS], 7, 7], {})
+    assert scheduler.get_num_new_matched_tokens(short, 0) == (2 * BS, False)
+    _schedule(scheduler, short, 0, [1, 2, 3])
+    longer = _request("r2", PROMPT, {})
+    assert scheduler.get_num_new_matched_tokens(longer, 2 * BS) == (2 * BS, False)  # the rest
+
+
+def test_a_forgotten_hydrate_request_runs_as_a_plain_one(scheduler, tmp_path, monkeypatch) -> None:
+    from thaw_agents.connector import scheduler as module
+
+    hydrate = _hydrate(scheduler, "h1", _snapshot(tmp_path, PROMPT))
+    monkeypatch.setattr(module, "_PARK_S", 0.0)
+    assert scheduler.get_num_new_matched_tokens(hydrate, 0) == (0, False)
+
+
+def test_hydrated_snapshots_that_leave_the_store_or_the_weights_are_dropped(scheduler, tmp_path) -> None:
+    sid = _snapshot(tmp_path, PROMPT)
+    _hydrate(scheduler, "h1", sid)
+    snapshot_path(tmp_path, sid).unlink()
+    assert scheduler.get_num_new_matched_tokens(_request("r1", PROMPT, {}), 0) == (0, False)
+    assert len(scheduler._standing) == 0
+
+    sid = _snapshot(tmp_path, PROMPT)
+    _hydrate(scheduler, "h2", sid)
+    assert scheduler.reset_cache()  # a weights swap
+    assert scheduler.get_num_new_matched_tokens(_request("r2", PROMPT, {}), 0) == (0, False)
+
+
+def test_a_hydrate_of_a_missing_snapshot_is_refused_and_arms_nothing(scheduler, tmp_path, caplog) -> None:
+    hydrate = _hydrate(scheduler, "h1", "thaw-" + "0" * 32)
+    assert "refused" in caplog.text
+    assert scheduler.get_num_new_matched_tokens(hydrate, 0) == (None, False)
+    assert len(scheduler._standing) == 0
+
+
+def test_hydrate_params_parse() -> None:
+    sid = "thaw-" + "1" * 32
+    assert parse_params(hydrate_params(sid)).snapshot_id == sid
+    with pytest.raises(ValueError, match="never by path"):
+        parse_params({PARAMS_KEY: {"op": "hydrate", "snapshot_id": "/etc/passwd"}})

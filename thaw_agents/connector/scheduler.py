@@ -11,8 +11,8 @@ In a tensor-parallel engine every rank's worker half loads and saves its own sha
 block: a load job carries each rank's file offsets, and a save is done once every rank has
 reported (written if all wrote their share; the last one renamed the file into place).
 
-A hydrated snapshot (``{"op": "hydrate"}``, see :mod:`.standing`) is kept and served to every
-later request that starts with its tokens; the request that brought it is never scheduled.
+A hydrated snapshot (``{"op": "hydrate"}``, see :mod:`.standing`) is kept until a request that
+starts with its tokens loads it; the request that brought it is never scheduled.
 
 Served-token accounting is honest: when the worker reports blocks that failed (checksum,
 spec, I/O), vLLM recomputes them and this half lowers the request's cached-token count by
@@ -70,6 +70,7 @@ class _Load:
     reloaded_tokens: int = 0  # by loads after preemptions
     recomputed_tokens: int = 0
     loads: int = 0
+    standing: bool = False  # planned from a hydrated snapshot, not named by the request
 
 
 @dataclass
@@ -197,6 +198,7 @@ class ThawScheduler:
                 continue
             if best is None or state.matched_blocks > best.matched_blocks:
                 best = state
+                best.standing = True
         limit_blocks = (request.num_prompt_tokens - 1) // self.block_size
         if best is None or min(best.matched_blocks, limit_blocks) * self.block_size <= num_computed_tokens:
             return None
@@ -252,6 +254,9 @@ class ThawScheduler:
         state.start_block = state.local_tokens // self.block_size
         state.num_blocks = max(0, num_external_tokens) // self.block_size
         state.emitted = False
+        if state.standing and state.start_block + state.num_blocks >= len(state.sources[0]):
+            # The whole snapshot is now in vLLM's prefix cache: served from there from now on.
+            self._standing.discard(state.snapshot_id)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Take the worker's save results; uncount blocks that failed to load (vLLM

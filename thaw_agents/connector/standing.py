@@ -1,13 +1,14 @@
-"""Snapshots an engine serves to every request that starts with their tokens (``hydrate``).
+"""Snapshots an engine holds for the next request that starts with their tokens (``hydrate``).
 
 ``ForkHandle.hydrate(engine)`` used to run a one-token request that loaded the snapshot, so
 hydrating and then asking cost two engine steps where ``with_fork`` costs one. Now the front
 hands the scheduler half a request carrying ``{"op": "hydrate", "snapshot_id": ...}`` and aborts
-it at once: the scheduler keeps the snapshot here and never schedules that request. From then
-on every request whose prompt starts with the snapshot's first block gets a load planned from
-it, the same load a request naming the snapshot gets: the first such request pays it inside
-its own step, later ones find the blocks in vLLM's prefix cache, and if vLLM evicts them the
-next request loads them again instead of prefilling.
+it at once: the scheduler keeps the snapshot here and never schedules that request. The next
+request whose prompt starts with the snapshot's tokens gets a load planned from it, the load a
+request naming the snapshot gets, inside its own step. Once a request has loaded every block,
+the snapshot leaves this set: the prefix is in vLLM's prefix cache, served (and evicted) like
+any cached prefix, as after the old one-token hydrate. A request that matches only part of it
+loads that part and leaves the snapshot here for a longer one.
 
 A snapshot that leaves the store (evicted, deleted) or stops matching the engine (a weights
 swap) is dropped. The set is small and bounded: the least recently hydrated go first.
@@ -15,6 +16,7 @@ swap) is dropped. The set is small and bounded: the least recently hydrated go f
 Example:
     >>> standing = StandingSnapshots(block_size=2)
     >>> standing.add("thaw-" + "a" * 32, [5, 6, 7, 8])
+    True
     >>> standing.candidates([5, 6, 9])
     ['thaw-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa']
     >>> standing.candidates([5, 7])
