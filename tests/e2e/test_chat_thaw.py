@@ -9,6 +9,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
+from vllm import SamplingParams, TokensPrompt
 
 import thaw_agents
 from thaw_agents.integrations.langchain import ChatThaw
@@ -214,6 +215,9 @@ def test_fork_from_chatthaw_hydrates_into_llm(chat: ChatThaw, llm) -> None:
     assert handle.num_snapshot_tokens >= 256
     llm.reset_prefix_cache()
     assert handle.hydrate(llm) == handle.num_snapshot_tokens
+    prompt = TokensPrompt(prompt_token_ids=[*handle.token_ids, 13])
+    out = llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert out.num_cached_tokens == handle.num_snapshot_tokens
 
 
 def test_missing_fork_falls_back_with_a_warning(chat: ChatThaw) -> None:

@@ -180,6 +180,22 @@ def test_nested_chain_hydrates_whole(nested: ForkHandle, fresh_process: dict) ->
     assert result["greedy_cached"] >= nested.num_snapshot_tokens
 
 
+def test_hydrate_runs_nothing_and_the_next_request_loads_the_prefix(llm, trunk: dict) -> None:
+    handle: ForkHandle = trunk["handle"]
+    llm.reset_prefix_cache()
+    assert handle.hydrate(llm) == handle.num_snapshot_tokens
+    assert not llm.llm_engine.has_unfinished_requests()  # the hydrate request was never run
+    first = _run(llm, trunk["prompt"], GREEDY)
+    # Loaded inside this request's own step (the hydrate loaded nothing), into the prefix cache.
+    assert first.num_cached_tokens == handle.num_snapshot_tokens
+    assert first.kv_transfer_params["thaw"]["loaded_tokens"] == handle.num_snapshot_tokens
+    assert list(first.outputs[0].token_ids) == trunk["greedy"]
+    second = _run(llm, trunk["prompt"], GREEDY)
+    assert second.num_cached_tokens == handle.num_snapshot_tokens
+    assert not (second.kv_transfer_params or {}).get("thaw")  # vLLM's own prefix cache this time
+    assert list(second.outputs[0].token_ids) == trunk["greedy"]
+
+
 def test_snapshot_holds_one_session_only(llm, trunk: dict) -> None:
     """Two sessions cached in one engine: A's snapshot holds no block of B, by tokens and by bytes."""
     tok = llm.get_tokenizer()
@@ -336,12 +352,14 @@ def test_corruption_after_validation_is_recomputed_not_served(
         snapfiles.flip_byte(handle.path, handle.path, payload_index=5)  # the store's file, block 0
         llm.reset_prefix_cache()
         with caplog.at_level(logging.ERROR, logger="thaw_agents.connector.worker"):
-            served = handle.hydrate(llm)
+            assert handle.hydrate(llm) == handle.num_snapshot_tokens  # the engine has read nothing yet
+            out = _run(llm, trunk["prompt"], GREEDY)  # the request that loads it
     finally:
         os.replace(copy, handle.path)
     assert "failed their checksum" in caplog.text
     # The count is honest: vLLM recomputed from the bad block on, and nothing is reported served.
-    assert served == 0
+    assert out.num_cached_tokens == 0
+    assert out.kv_transfer_params["thaw"]["recomputed_tokens"] == handle.num_snapshot_tokens
     # vLLM recomputed from the bad block on: the output is the parent's, not garbage.
     _still_serves(llm, trunk)
 

@@ -97,3 +97,7 @@ def test_the_engine_serves_normally_after_preemptions(small_llm, tmp_path: Path)
     handle = _trunk(small_llm, 20)
     small_llm.reset_prefix_cache()
     assert handle.hydrate(small_llm) == handle.num_snapshot_tokens
+    prompt = TokensPrompt(prompt_token_ids=[*handle.token_ids, 7])
+    out = small_llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)[0]
+    assert out.num_cached_tokens == handle.num_snapshot_tokens
+    assert out.kv_transfer_params["thaw"]["loaded_tokens"] == handle.num_snapshot_tokens

@@ -102,6 +102,19 @@ def test_bad_ids_get_clear_statuses_and_the_server_keeps_serving(server, trunk: 
         },
     )
     assert status == 400 and not outside.exists()
+    # A hydrate is a local engine's operation: a client's would wait unscheduled and arm the
+    # engine for other clients' requests.
+    status, error = server.request(
+        "POST",
+        "/v1/completions",
+        {
+            "model": server.model,
+            "prompt": "hi",
+            "max_tokens": 2,
+            "kv_transfer_params": {"thaw": {"op": "hydrate", "snapshot_id": trunk["snapshot"]["id"]}},
+        },
+    )
+    assert status == 400 and "op 'hydrate' is for a local engine" in error["error"]["message"]
     # A snapshot of another KV spec in the store: 409 naming the field.
     source = server.store / f"{trunk['snapshot']['id']}.thaw"
 

@@ -148,7 +148,11 @@ def swap(folder: Path) -> None:
     # A snapshot of the new weights is served (the scheduler knows the new fingerprint).
     after = thaw_agents.fork(llm, prompt)
     llm.reset_prefix_cache()
-    out["fresh_snapshot_served"] = after.hydrate(llm)
+    assert after.hydrate(llm) == after.num_snapshot_tokens
+    served = llm.generate(
+        [TokensPrompt(prompt_token_ids=[*prompt, 5])], SamplingParams(max_tokens=1), use_tqdm=False
+    )[0]
+    out["fresh_snapshot_served"] = served.num_cached_tokens  # loaded by this request
 
     result = thaw_agents.swap_weights(llm, file_a)
     out["swapped_back"] = greedy(llm)
