@@ -10,7 +10,8 @@ measures the time to first token of prefix + a short suffix five ways:
   shm, engine-checked   the same with ``ForkHandle.load(verify=False)``: no up-front pass over
                every checksum (the engine still checks each block as it reads it)
   file         the same from a file on disk, evicted from the page cache first (cold read)
-  hydrate      ``hydrate()`` from /dev/shm, then a plain request
+  hydrate      ``hydrate()`` from /dev/shm (costs no engine step), then a plain request, which
+               loads the prefix inside its own step
 
 The fresh engine's snapshot store (``THAW_AGENTS_STORE``) is ``--store shm`` (default: a folder in
 /dev/shm, as a deployment that hands snapshots over through shared memory sets it, so the shm
