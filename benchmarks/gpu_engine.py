@@ -192,7 +192,7 @@ def role_child(args: argparse.Namespace, io: Path) -> dict:
     for length, case in cases.items():
         prompt = case["token_ids"] + case["suffix"]
         rows: dict[str, Any] = {}
-        for mode in ("re-prefill", "file", "shm"):
+        for mode in ("re-prefill", "file", "shm", "hydrate"):
             times, loads, cached, restore = [], [], [], []
             for _ in range(args.repeats):
                 llm.reset_prefix_cache()
@@ -203,9 +203,12 @@ def role_child(args: argparse.Namespace, io: Path) -> dict:
                     evict(case["file"])
                     start = time.perf_counter()
                     handle = thaw_agents.ForkHandle.load(case["file"], verify=False)
-                elif mode == "shm":
+                elif mode in ("shm", "hydrate"):
                     handle = thaw_agents.ForkHandle.from_id(case["snapshot_id"])
-                if mode != "re-prefill":
+                if mode == "hydrate":  # then a plain request, which loads the prefix itself
+                    handle.hydrate(llm)
+                    loads.append(time.perf_counter() - start)
+                elif mode != "re-prefill":
                     loads.append(time.perf_counter() - start)
                     params = thaw_agents.with_fork(params, handle)
                 seconds, out = ttft(llm, prompt, params)
@@ -222,7 +225,7 @@ def role_child(args: argparse.Namespace, io: Path) -> dict:
             }
         # Fidelity: greedy output after a hydrate equals the parent's own cache-hit output.
         fidelity = {}
-        for mode in ("shm", "file"):
+        for mode in ("shm", "file", "hydrate"):
             llm.reset_prefix_cache()
             if mode == "file":
                 (store / f"{case['snapshot_id']}.thaw").unlink(missing_ok=True)
@@ -230,7 +233,11 @@ def role_child(args: argparse.Namespace, io: Path) -> dict:
                 handle = thaw_agents.ForkHandle.load(case["file"], verify=False)
             else:
                 handle = thaw_agents.ForkHandle.from_id(case["snapshot_id"])
-            _, out = ttft(llm, prompt, thaw_agents.with_fork(greedy(), handle))
+            if mode == "hydrate":
+                handle.hydrate(llm)
+                _, out = ttft(llm, prompt, greedy())
+            else:
+                _, out = ttft(llm, prompt, thaw_agents.with_fork(greedy(), handle))
             fidelity[mode] = {
                 "tokens_equal": list(out.outputs[0].token_ids) == case["parent_greedy"],
                 "cached_tokens": out.num_cached_tokens,
@@ -249,7 +256,7 @@ def summarize_hydrate(parent: dict, child: dict) -> tuple[list[list[Any]], list[
         m = child[length]
         base = m["re-prefill"]["ttft_s"]
         hit = case["parent_hit_ttft_s"]
-        for mode in ("re-prefill", "shm", "file"):
+        for mode in ("re-prefill", "shm", "file", "hydrate"):
             r = m[mode]
             restore_ms = [x.get("ms") for x in r["restore"] if x]
             row = {
@@ -267,6 +274,9 @@ def summarize_hydrate(parent: dict, child: dict) -> tuple[list[list[Any]], list[
             }
             if mode != "re-prefill":
                 row["fidelity"] = m["fidelity"][mode]
+            if mode == "hydrate":  # hydrate() + a plain request vs with_fork, load included
+                shm = m["shm"]
+                row["over_with_fork"] = (r["load_s"] + r["ttft_s"]) / (shm["load_s"] + shm["ttft_s"])
             report.append(row)
             table.append(
                 [

@@ -92,6 +92,7 @@ if [ -n "${THAW_RUN_FIRST:-}" ]; then  # what to run first in a follow-up sessio
       test_weights) step test_weights "${PYTEST[@]}" "tests/gpu/test_gpu_engine.py::test_weights_freeze_and_thaw_restore" ;;
       bench_weights) step bench_weights "${BENCH[@]}" --eager --phases weights --weights-dir /var/tmp/thaw-bench-w8b --keep-weights ;;
       bench_hydrate) step bench_hydrate "${BENCH[@]}" --load-format dummy --phases hydrate rounds ;;
+      test_hydrate) step test_hydrate "${PYTEST[@]}" "tests/gpu/test_gpu_engine.py::test_fork_hydrate_and_branches" ;;
       test_tp) step test_tp env THAW_GPU_RESULTS="$STATE/results" "${PYTEST[@]}" tests/gpu/test_gpu_tensor_parallel.py ;;
     esac
   done

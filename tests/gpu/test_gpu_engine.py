@@ -51,13 +51,14 @@ def test_fork_hydrate_and_branches(tmp_path):
     assert data["spec"]["kv_layout"].startswith("cuda/flash-attn/"), data["spec"]["kv_layout"]
     assert "auto" not in data["spec"]["kv_layout"]
     rows = {r["mode"]: r for r in data["rows"] if r["prefix_tokens"] == 2000}
-    for mode in ("shm", "file"):
+    for mode in ("shm", "file", "hydrate"):
         fidelity = rows[mode]["fidelity"]
         assert fidelity["tokens_equal"], (mode, fidelity)
         assert fidelity["cached_tokens"] == fidelity["expected_cached"] == 2000, (mode, fidelity)
         assert fidelity["report"]["loaded_tokens"] == 2000 and not fidelity["report"]["recomputed_tokens"]
         assert rows[mode]["engine_restore_all"][0]["route"] == "cuda"
     assert rows["re-prefill"]["cached_tokens"] == 0
+    assert rows["hydrate"]["cached_tokens"] == 2000  # loaded by the request after hydrate()
     rounds = data["rounds_eager"]
     for mode in ("fork_completions", "fork+snapshot"):
         assert rounds[mode]["tokens_per_branch"] == 16
