@@ -220,6 +220,15 @@ def test_fork_from_chatthaw_hydrates_into_llm(chat: ChatThaw, llm) -> None:
     assert out.num_cached_tokens == handle.num_snapshot_tokens
 
 
+def test_a_snapshot_hydrated_into_chatthaw_serves_its_next_call(chat: ChatThaw, llm) -> None:
+    """hydrate() on ChatThaw's AsyncLLM engine runs nothing; the next call loads the prefix."""
+    prefix = [SystemMessage("You are a ship's navigator. " + "Charts, tides and stars. " * 60)]
+    handle = thaw_agents.fork(llm, prefix)
+    assert handle.hydrate(chat) == handle.num_snapshot_tokens >= 256
+    message = chat.invoke([*prefix, HumanMessage("Where are we?")], max_tokens=2)
+    assert message.usage_metadata["input_token_details"]["cache_read"] >= handle.num_snapshot_tokens
+
+
 def test_missing_fork_falls_back_with_a_warning(chat: ChatThaw) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
