@@ -83,6 +83,12 @@ def test_a_chat_from_a_snapshot_reports_its_cached_tokens(server, trunk: dict) -
     assert reply["choices"][0]["message"]["content"] == trunk["reply"]
 
 
+def _completion(server, thaw: dict) -> tuple[int, dict]:
+    """A two-token completion of "hi" with these thaw params."""
+    body = {"model": server.model, "prompt": "hi", "max_tokens": 2, "kv_transfer_params": {"thaw": thaw}}
+    return server.request("POST", "/v1/completions", body)
+
+
 def test_bad_ids_get_clear_statuses_and_the_server_keeps_serving(server, trunk: dict, tmp_path: Path) -> None:
     missing = "thaw-" + "a" * 32
     status, error = _chat(server, [*TRUNK, QUESTION], missing)
@@ -91,29 +97,11 @@ def test_bad_ids_get_clear_statuses_and_the_server_keeps_serving(server, trunk: 
         status, error = _chat(server, [*TRUNK, QUESTION], bad)
         assert status == 400 and error["error"]["type"] == "BadRequestError", bad
     outside = tmp_path / "outside.thaw"
-    status, error = server.request(
-        "POST",
-        "/v1/completions",
-        {
-            "model": server.model,
-            "prompt": "hi",
-            "max_tokens": 2,
-            "kv_transfer_params": {"thaw": {"op": "save", "dest": str(outside), "num_tokens": 1}},
-        },
-    )
+    status, error = _completion(server, {"op": "save", "dest": str(outside), "num_tokens": 1})
     assert status == 400 and not outside.exists()
     # A hydrate is a local engine's operation: a client's would wait unscheduled and arm the
     # engine for other clients' requests.
-    status, error = server.request(
-        "POST",
-        "/v1/completions",
-        {
-            "model": server.model,
-            "prompt": "hi",
-            "max_tokens": 2,
-            "kv_transfer_params": {"thaw": {"op": "hydrate", "snapshot_id": trunk["snapshot"]["id"]}},
-        },
-    )
+    status, error = _completion(server, {"op": "hydrate", "snapshot_id": trunk["snapshot"]["id"]})
     assert status == 400 and "op 'hydrate' is for a local engine" in error["error"]["message"]
     # A snapshot of another KV spec in the store: 409 naming the field.
     source = server.store / f"{trunk['snapshot']['id']}.thaw"

@@ -288,6 +288,12 @@ def test_a_partial_match_leaves_a_hydrated_snapshot_for_a_longer_request(schedul
     assert scheduler.get_num_new_matched_tokens(longer, 2 * BS) == (2 * BS, False)  # the rest
 
 
+def test_a_hydrated_snapshot_already_in_the_prefix_cache_is_let_go(scheduler, tmp_path) -> None:
+    _hydrate(scheduler, "h1", _snapshot(tmp_path, PROMPT))
+    assert scheduler.get_num_new_matched_tokens(_request("r1", PROMPT, {}), 4 * BS) == (0, False)
+    assert len(scheduler._standing) == 0
+
+
 def test_a_forgotten_hydrate_request_runs_as_a_plain_one(scheduler, tmp_path, monkeypatch) -> None:
     from thaw_agents.connector import scheduler as module
 

@@ -199,8 +199,13 @@ class ThawScheduler:
             if best is None or state.matched_blocks > best.matched_blocks:
                 best = state
                 best.standing = True
+        if best is None:
+            return None
+        if num_computed_tokens >= len(best.sources[0]) * self.block_size:
+            self._standing.discard(best.snapshot_id)  # vLLM's prefix cache holds all of it already
+            return None
         limit_blocks = (request.num_prompt_tokens - 1) // self.block_size
-        if best is None or min(best.matched_blocks, limit_blocks) * self.block_size <= num_computed_tokens:
+        if min(best.matched_blocks, limit_blocks) * self.block_size <= num_computed_tokens:
             return None
         return best
 
