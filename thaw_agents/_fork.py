@@ -149,7 +149,8 @@ class ForkHandle:
         Example:
             >>> handle.hydrate(llm)                                              # doctest: +SKIP
             1024
-            >>> llm.generate(TokensPrompt(prompt_token_ids=handle.token_ids + question))[0].num_cached_tokens
+            >>> prompt = TokensPrompt(prompt_token_ids=[*handle.token_ids, *question])  # doctest: +SKIP
+            >>> llm.generate(prompt)[0].num_cached_tokens  # loaded inside this request  # doctest: +SKIP
             1024
         """
         front = front_for(engine)
