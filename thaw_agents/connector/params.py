@@ -9,9 +9,9 @@ Requests name snapshots by id, never by path: vLLM's OpenAI server copies a clie
 The connector resolves ids inside its own store and nowhere else. For a save, ``snapshot_id``
 is the id the caller expects (the engine computes the id itself from the request's tokens and
 refuses to write when they differ), and ``num_tokens`` says how many prompt tokens form the
-prefix to snapshot. A hydrate makes the engine serve the snapshot to every later request that
-starts with its tokens; the request carrying it is never scheduled (``ForkHandle.hydrate``'s
-front aborts it at once), and the HTTP server refuses it from clients.
+prefix to snapshot. A hydrate makes the engine hold the snapshot for the next request that
+starts with its tokens (see :mod:`.standing`); the request carrying it is never scheduled
+(``ForkHandle.hydrate``'s front aborts it at once), and the HTTP server refuses it from clients.
 
 Both travel inside ``SamplingParams.extra_args["kv_transfer_params"]``, which vLLM copies onto
 its ``Request``; plain JSON, so they cross the engine-core process boundary.
@@ -95,7 +95,7 @@ def load_params(snapshot_id: str) -> dict[str, Any]:
 
 
 def hydrate_params(snapshot_id: str) -> dict[str, Any]:
-    """``kv_transfer_params`` that make the engine serve ``snapshot_id`` to every request that
+    """``kv_transfer_params`` that make the engine hold ``snapshot_id`` for the next request that
     starts with its tokens (the request carrying them is never run)."""
     return {PARAMS_KEY: {"op": "hydrate", "snapshot_id": snapshot_id}}
 

@@ -72,6 +72,11 @@ class _Load:
     loads: int = 0
     standing: bool = False  # planned from a hydrated snapshot, not named by the request
 
+    @property
+    def snapshot_blocks(self) -> int:
+        """Blocks in the whole chain (rank 0's regions: every rank has one per block)."""
+        return len(self.sources[0])
+
 
 @dataclass
 class _PendingSave:
@@ -178,12 +183,15 @@ class ThawScheduler:
                 if state is None:
                     return 0, False
             self._loads[request.request_id] = state
-        # vLLM must compute at least the last prompt token itself.
-        limit_blocks = (request.num_prompt_tokens - 1) // self.block_size
-        matched_tokens = min(state.matched_blocks, limit_blocks) * self.block_size
         # The scheduler presents a block-aligned local hit; the load starts right after it.
         state.local_tokens = num_computed_tokens
-        return max(0, matched_tokens - num_computed_tokens), False
+        return max(0, self._servable_tokens(state) - num_computed_tokens), False
+
+    def _servable_tokens(self, state: _Load) -> int:
+        """Prompt tokens the planned chain can supply: its matching blocks, short of the last
+        prompt token (vLLM must compute at least that one itself)."""
+        limit_blocks = (state.request.num_prompt_tokens - 1) // self.block_size
+        return min(state.matched_blocks, limit_blocks) * self.block_size
 
     def _plan_standing(self, request: Request, num_computed_tokens: int) -> _Load | None:
         """A load from the hydrated snapshot that supplies the most of this prompt beyond what
@@ -201,30 +209,30 @@ class ThawScheduler:
                 best.standing = True
         if best is None:
             return None
-        if num_computed_tokens >= len(best.sources[0]) * self.block_size:
+        if num_computed_tokens >= best.snapshot_blocks * self.block_size:
             self._standing.discard(best.snapshot_id)  # vLLM's prefix cache holds all of it already
             return None
-        limit_blocks = (request.num_prompt_tokens - 1) // self.block_size
-        if min(best.matched_blocks, limit_blocks) * self.block_size <= num_computed_tokens:
-            return None
-        return best
+        return best if self._servable_tokens(best) > num_computed_tokens else None
 
     def _hydrate(self, request: Request, params: HydrateParams) -> None:
         """Keep the snapshot for later requests; its own request waits until the front aborts it."""
         self._parked[request.request_id] = time.monotonic()
         try:
-            chain = self._manifests.chain(params.snapshot_id)
-            for manifest in chain:
-                self._check_engine(manifest.spec, manifest.path)
+            chain = self._checked_chain(params.snapshot_id)
         except Exception as exc:
             self._refuse(request, "hydrate", params.snapshot_id, exc)
             return
         self._standing.add(params.snapshot_id, chain[0].token_ids)
 
-    def _plan(self, request: Request, params: LoadParams) -> _Load:
-        chain = self._manifests.chain(params.snapshot_id)
+    def _checked_chain(self, snapshot_id: str) -> list[KVManifest]:
+        """The snapshot's chain in the store, every file checked against this engine."""
+        chain = self._manifests.chain(snapshot_id)
         for manifest in chain:  # each file's regions are laid out for its own rank count
             self._check_engine(manifest.spec, manifest.path)
+        return chain
+
+    def _plan(self, request: Request, params: LoadParams) -> _Load:
+        chain = self._checked_chain(params.snapshot_id)
         prompt = list(request.prompt_token_ids or ())
         state = _Load(request=request, snapshot_id=params.snapshot_id)
         state.sources = [[] for _ in range(self.tp_size)]
@@ -259,7 +267,7 @@ class ThawScheduler:
         state.start_block = state.local_tokens // self.block_size
         state.num_blocks = max(0, num_external_tokens) // self.block_size
         state.emitted = False
-        if state.standing and state.start_block + state.num_blocks >= len(state.sources[0]):
+        if state.standing and state.start_block + state.num_blocks >= state.snapshot_blocks:
             # The whole snapshot is now in vLLM's prefix cache: served from there from now on.
             self._standing.discard(state.snapshot_id)
 
