@@ -43,3 +43,27 @@ def test_helpers_of_a_pinned_thread_use_every_core() -> None:
         "assert os.sched_getaffinity(0) == {min(every)}\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_one_core_each_pins_every_helper_to_its_own_core() -> None:
+    """In vLLM's CPU worker the connector asks for one core per helper (as vLLM pins its
+    OpenMP threads): each part runs on a core of its own, together the process's cores; a
+    pool made before the call is replaced (a fresh interpreter, so no other test's pool)."""
+    code = (
+        "import os, threading\n"
+        "from thaw_agents._threads import in_parts, pin_one_core_each\n"
+        "every = os.sched_getaffinity(0)\n"
+        "spread = in_parts(lambda part: os.sched_getaffinity(0), list(range(64)), min_part=1)\n"
+        "assert all(m == every for m in spread), spread\n"
+        "pin_one_core_each()\n"
+        "barrier = threading.Barrier(min(len(every), 8))\n"
+        "def part(items):\n"
+        "    barrier.wait(timeout=30)  # every part on its own thread at once\n"
+        "    return os.sched_getaffinity(0)\n"
+        "masks = in_parts(part, list(range(64)), min_part=1)\n"
+        "assert len(masks) == min(len(every), 8), masks\n"
+        "assert all(len(m) == 1 for m in masks), masks\n"
+        "assert set().union(*masks) == set(sorted(every)[:8]), (masks, every)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -48,7 +48,7 @@ from thaw_agents.accel import (
 from .._kvspec import KVSpec
 from .._manifest import ParentRef, check_compatible, derive_snapshot, write_kv_snapshot
 from .._store import snapshot_path
-from .._threads import in_parts
+from .._threads import in_parts, pin_one_core_each
 from .config import ThawConnectorConfig
 from .engine_spec import LayoutUnknownError, tensor_parallel_rank, worker_spec
 from .manifests import ManifestCache
@@ -114,6 +114,10 @@ class ThawWorker:
             device = first.device.index or 0
             check_cuda_data_path(device)
             self._cuda_loader = CudaBlockLoader(device)
+        else:
+            # Loads read and check blocks on every core, each thread on its own one like
+            # vLLM's OpenMP threads (see thaw_agents._threads for what a moving thread cost).
+            pin_one_core_each()
         try:
             self.spec = worker_spec(cfg, names, self._layers, block_dim)
         except LayoutUnknownError as exc:
