@@ -229,9 +229,8 @@ class ThawWorker:
 
         def read(fd: int, indices: list[int]) -> tuple[list[bool], list[str | None]]:
             # The engine waits for the load anyway: read and check on every core (preadv and
-            # BLAKE3 release the GIL). 92 MB on two cores, alternating in one engine: 57 -> 37 ms
-            # with the engine core in-process; no change (51 vs 52 ms) with vLLM's separate
-            # engine-core process, whose poll for the worker's output keeps a core busy.
+            # BLAKE3 release the GIL), one thread per core (register_kv_caches). 92 MB on two
+            # cores: 36-40 ms, against 32 ms with no engine running (benchmarks/load_floor.py).
             parts = in_parts(functools.partial(read_part, fd), indices)
             return [ok for part in parts for ok in part[0]], [d for part in parts for d in part[1]]
 
