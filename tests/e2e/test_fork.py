@@ -242,6 +242,36 @@ def test_full_disk_in_the_engine_and_on_save(llm, trunk: dict, tmp_path: Path, m
     assert handle.path.exists() and handle.num_blocks > 0
 
 
+def test_a_file_others_can_read_is_copied_into_the_store(trunk: dict, tmp_path: Path, monkeypatch) -> None:
+    """A file other users may read is copied into the store, not linked (its other names could
+    change it), byte for byte and owner-only; a disk that fills up during the copy is a typed
+    error that leaves the store as it was."""
+    import errno
+    import shutil
+    import stat
+
+    kept = trunk["handle"].path.read_bytes()
+    shared = tmp_path / "shared.thaw"
+    shutil.copyfile(trunk["handle"].path, shared)
+    shared.chmod(0o644)
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "sendfile", full)
+        with pytest.raises(SnapshotWriteError, match="no space left on the device"):
+            ForkHandle.load(shared)
+    store = trunk["handle"].path.parent
+    assert not [p.name for p in store.iterdir() if p.name.endswith(".partial")]
+    assert trunk["handle"].path.read_bytes() == kept
+
+    loaded = ForkHandle.load(shared)
+    assert loaded.id == trunk["handle"].id and loaded.path.read_bytes() == kept
+    st = loaded.path.stat()
+    assert st.st_ino != shared.stat().st_ino and stat.S_IMODE(st.st_mode) == 0o600
+
+
 def test_memory_uri_round_trip(trunk: dict) -> None:
     handle: ForkHandle = trunk["handle"]
     handle.save("memory://thaw-tests/trunk.thaw")
