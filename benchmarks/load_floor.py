@@ -9,12 +9,14 @@ them). Alternating in rounds, on 1 thread and on every core:
   read + check     what the connector's worker does: ``preadv`` into the rows, then BLAKE3 over
                    the rows (``accel.read_blocks_into``); on every core either with threads free
                    to move or one core each (how the worker pins them, ``_threads.pin_one_core_each``)
+  cold disk file   the same read + check from a copy of the file on disk (``--disk-dir``), evicted
+                   from the page cache before each run
 
 No engine runs here, so nothing else competes for the cores: these are floors. The engine's
 own load of the same bytes (``fork_hydrate.py``'s load, ``describe()["last_load"]``) and the
 cache-hit TTFT it is compared with come from the engine benchmarks.
 
-Run: python benchmarks/load_floor.py [--tokens 4000] [--rounds 7] [--out FILE]
+Run: python benchmarks/load_floor.py [--tokens 4000] [--rounds 7] [--disk-dir DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--disk-dir", type=Path, default=Path.home() / ".cache", help="for the cold file")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -70,11 +73,18 @@ def main() -> None:
     cache = [np.zeros((2 * blocks, row), dtype=np.uint8) for _ in range(LAYERS)]
     views = [[memoryview(layer[2 * b]) for layer in cache] for b in range(blocks)]
     payload = np.random.default_rng(0).integers(0, 256, blocks * block_nbytes, dtype=np.uint8)
-    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="thaw-load-floor-", delete=False) as f:
-        f.write(payload.data)
-        path = f.name
-    fd = os.open(path, os.O_RDONLY)
+    paths = []
+    for folder in ("/dev/shm", args.disk_dir):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix="thaw-load-floor-", delete=False) as f:
+            f.write(payload.data)
+            f.flush()
+            os.fsync(f.fileno())
+            paths.append(f.name)
+    fd, disk_fd = (os.open(p, os.O_RDONLY) for p in paths)
     cores = len(os.sched_getaffinity(0))
+
+    def evict() -> None:
+        os.posix_fadvise(disk_fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def copy_only(part: list[int]) -> None:
         read_blocks_into(fd, [b * block_nbytes for b in part], [views[b] for b in part])
@@ -83,8 +93,12 @@ def main() -> None:
         for b in part:
             blake3.blake3(memoryview(payload[b * block_nbytes : (b + 1) * block_nbytes])).hexdigest()
 
-    def read_check(part: list[int]) -> None:
-        read_blocks_into(fd, [b * block_nbytes for b in part], [views[b] for b in part], hasher=blake3.blake3)
+    def read_check(part: list[int], source: int = fd) -> None:
+        offsets = [b * block_nbytes for b in part]
+        read_blocks_into(source, offsets, [views[b] for b in part], hasher=blake3.blake3)
+
+    def read_cold(part: list[int]) -> None:
+        read_check(part, disk_fd)
 
     pools = {"free": _pool(cores, False), "pinned": _pool(cores, True)}
     cases: dict[str, Callable[[], object]] = {
@@ -99,6 +113,10 @@ def main() -> None:
         f"read + check, {cores} threads one core each": lambda: list(
             pools["pinned"].map(read_check, _split(blocks, cores))
         ),
+        "cold disk file, read + check, 1 thread": lambda: read_cold(list(range(blocks))),
+        f"cold disk file, read + check, {cores} threads one core each": lambda: list(
+            pools["pinned"].map(read_cold, _split(blocks, cores))
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     try:
@@ -106,12 +124,15 @@ def main() -> None:
             fn()
         for r in range(args.rounds):
             for name in list(cases) if r % 2 == 0 else list(cases)[::-1]:
+                if name.startswith("cold"):
+                    evict()
                 start = time.perf_counter()
                 cases[name]()
                 times[name].append(time.perf_counter() - start)
     finally:
-        os.close(fd)
-        os.unlink(path)
+        for opened, path in zip((fd, disk_fd), paths, strict=True):
+            os.close(opened)
+            os.unlink(path)
         for pool in pools.values():
             pool.shutdown()
 
