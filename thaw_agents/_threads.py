@@ -13,7 +13,7 @@ share that thread's single core. In vLLM's CPU worker process the connector asks
 per thread instead (:func:`pin_one_core_each`), as vLLM pins its own: while the worker loads,
 vLLM's engine-core process busy-waits for it (``sched_yield`` in a loop), and threads free to
 move kept meeting it; pinned, they did not (92 MB load on two cores: 52-88 -> 36-40 ms, the
-engine core's CPU time in that request 41-100 -> 10-12 ms).
+engine core's CPU time in that request 41-100 -> 10-14 ms).
 
 Example:
     >>> in_parts(lambda part: sum(part), list(range(100)))  # one result per part, in order

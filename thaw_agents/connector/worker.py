@@ -230,7 +230,7 @@ class ThawWorker:
         def read(fd: int, indices: list[int]) -> tuple[list[bool], list[str | None]]:
             # The engine waits for the load anyway: read and check on every core (preadv and
             # BLAKE3 release the GIL), one thread per core (register_kv_caches). 92 MB on two
-            # cores: 36-40 ms, against 32 ms with no engine running (benchmarks/load_floor.py).
+            # cores: 36-40 ms, against 32-38 ms with no engine running (benchmarks/load_floor.py).
             parts = in_parts(functools.partial(read_part, fd), indices)
             return [ok for part in parts for ok in part[0]], [d for part in parts for d in part[1]]
 
