@@ -344,10 +344,11 @@ def read_kv_manifest(
             f"{len(container.regions)} payload regions for {len(keys)} blocks of {ranks} ranks",
             path=where,
         )
+    block_nbytes = spec.block_nbytes  # a sum over the layers: once, not per region
     for region in container.regions:
-        if region.nbytes != spec.block_nbytes:
+        if region.nbytes != block_nbytes:
             raise SnapshotFormatError(
-                f"region {describe(region.name)} holds {region.nbytes} bytes; a block is {spec.block_nbytes}",
+                f"region {describe(region.name)} holds {region.nbytes} bytes; a block is {block_nbytes}",
                 path=where,
             )
     parent = _parent(snap.get("parent"), where)
