@@ -299,6 +299,12 @@ def import_snapshot(manifest: KVManifest, store: Path, *, verify: bool = True) -
 
 def _copy_file(src: Path, dest: Path) -> None:
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    _copy_into(src, fd, dest)
+
+
+def _copy_into(src: Path, fd: int, dest: Path) -> None:
+    """Copy ``src`` into the open file ``fd`` (closed after) that becomes ``dest``; flushed to
+    the device unless ``dest`` is in /dev/shm. Every local copy of a snapshot goes this way."""
     with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
         if not _copy_in_kernel(inp.fileno(), out.fileno()):
             shutil.copyfileobj(inp, out, 16 << 20)
@@ -361,11 +367,7 @@ def copy_to_uri(src: Path, uri: str) -> None:
             raise write_failed(dest, exc) from exc
         try:
             os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, 16 << 20)
-                out.flush()
-                if not str(dest).startswith("/dev/shm/"):
-                    os.fsync(out.fileno())
+            _copy_into(src, fd, dest)
             os.replace(tmp, dest)
         except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
